@@ -79,6 +79,7 @@ class ClusterConfig:
     startup_timeout_s: float = 120.0  # bound on starting and loading one worker
     load_window: int = 8  # load reports kept in the sliding window for rebalance()
     max_restarts: int = 0  # Ray actor restarts per worker (0: replace from spares instead)
+    auto_recover: bool = True  # the controller heals a dead rank on its own as soon as it notices
     state_dir: Optional[str] = None  # where the controller persists layout/epoch/membership
     name: str = "elastic-ep"  # cluster name (namespaces actors and groups)
 

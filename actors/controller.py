@@ -1,0 +1,858 @@
+"""Controller actor: owns layout, membership and epoch; watches workers; plans, orchestrates and commits moves."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+from elastic_ep.balance import rebalance_experts
+from elastic_ep.config import ClusterConfig, ModelSpec
+from elastic_ep.errors import (
+    CapacityError,
+    ElasticEPError,
+    ExpertsLostError,
+    TransferError,
+    UnknownRankError,
+    VerificationError,
+    WorkerStartupError,
+)
+from elastic_ep.faults import CONTROLLER_PHASES, FaultInjector
+from elastic_ep.layout import ExpertLayout
+from elastic_ep.plan import plan_transfers
+from elastic_ep.report import RebalanceReport
+from elastic_ep.workload import LoadWindow, check_counts, slot_counts_to_logical
+
+log = logging.getLogger("elastic_ep.controller")
+
+MAX_ATTEMPTS = 4  # re-plans after failures within one rebalance before giving up
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+class Controller:
+    """The brain of one elastic EP cluster.
+
+    State (layout, epoch, membership, reference fingerprints) is written to
+    ``state_dir`` after every commit and read back when the actor restarts, so a
+    controller restart resumes where it left off; workers and backup stores are
+    detached named actors that outlive it.
+    """
+
+    def __init__(self, cfg: ClusterConfig, state_dir: str, namespace_prefix: str):
+        from elastic_ep.transport import StoreServer, register_backends
+
+        register_backends()
+        self.cfg = cfg
+        self.spec: ModelSpec = cfg.model
+        self.prefix = namespace_prefix
+        self.state_path = Path(state_dir) / "controller_state.json"
+        self.store = StoreServer()
+        self.faults = FaultInjector(CONTROLLER_PHASES)
+        self._lock = threading.RLock()  # serialises reconfigurations
+        self._state_lock = threading.Lock()
+        self.layout: Optional[ExpertLayout] = None
+        self.epoch = 0
+        self.generation = 0  # communicator generation (group name suffix)
+        self.members: dict[int, str] = {}  # rank id -> worker id
+        self.spares: list[str] = []
+        self.rank_nodes: dict[int, int] = {}  # rank id -> logical node
+        self.dead: set[str] = set()
+        self.handles: dict[str, ray.actor.ActorHandle] = {}
+        self.group: Optional[str] = None
+        self.group_members: list[str] = []
+        self.next_worker = 0
+        self.ref_fp: Optional[np.ndarray] = None  # [L, E] fingerprint of each logical expert
+        self.window = LoadWindow(self.spec.num_layers, self.spec.num_experts, cfg.load_window)
+        self.backup_stores: list = []
+        self.backup_of: dict[tuple[int, int], int] = {}  # (layer, expert) -> store index
+        self.lost: list[tuple[int, int]] = []
+        self.history: list[dict] = []
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._monitor: Optional[threading.Thread] = None
+        self._busy = threading.Event()  # set while a reconfiguration runs
+        self._restarted: set[str] = set()
+        self._death_time: Optional[float] = None
+        if self.state_path.exists():
+            self._resume()
+
+    # ------------------------------------------------------------------------------------
+    # start-up, persistence, resume
+    # ------------------------------------------------------------------------------------
+
+    def _worker_name(self, wid: str) -> str:
+        return f"{self.prefix}-{wid}"
+
+    def _new_worker(self, node_index: int):
+        from actors.worker import worker_actor_class
+
+        wid = f"w{self.next_worker}"
+        self.next_worker += 1
+        cls = worker_actor_class(self.cfg.device)
+        opts = dict(name=self._worker_name(wid), lifetime="detached", max_restarts=self.cfg.max_restarts)
+        strategy = self._node_strategy(node_index)
+        if strategy is not None:
+            opts["scheduling_strategy"] = strategy
+        handle = cls.options(**opts).remote(
+            wid, self.spec, self.cfg.slots_per_rank, self.cfg.device, self.cfg.checkpoint, self.cfg.preset
+        )
+        self.handles[wid] = handle
+        return wid
+
+    def _ray_nodes(self) -> list[str]:
+        return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+
+    def _node_strategy(self, node_index: int):
+        """Pin logical node i to the i-th alive Ray node when the cluster has several."""
+        nodes = self._ray_nodes()
+        if len(nodes) <= 1:
+            return None
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return NodeAffinitySchedulingStrategy(nodes[node_index % len(nodes)], soft=True)
+
+    def start(self) -> dict:
+        """Start workers, spares and backup stores; load the first layout from the checkpoint."""
+        with self._lock:
+            if self.layout is not None:
+                return self.status()
+            t0 = _now()
+            cfg = self.cfg
+            per_node = cfg.num_ranks // cfg.num_nodes
+            ranks = list(range(cfg.num_ranks))
+            for r in ranks:
+                self.rank_nodes[r] = r // per_node
+                self.members[r] = self._new_worker(self.rank_nodes[r])
+            for k in range(cfg.num_spares):
+                self.spares.append(self._new_worker(k % cfg.num_nodes))
+            self._wait_started(list(self.members.values()) + self.spares)
+            uniform = np.ones((self.spec.num_layers, self.spec.num_experts))
+            self.layout = rebalance_experts(
+                uniform, ranks, cfg.slots_per_rank, rank_nodes=[self.rank_nodes[r] for r in ranks],
+                num_groups=self.spec.num_groups, policy="eplb",
+            )
+            t_load = _now()
+            refs = {
+                r: self.handles[wid].load.remote(r, self.layout.experts_of(r), self.epoch)
+                for r, wid in self.members.items()
+            }
+            reports = self._get_all(refs, cfg.startup_timeout_s, "load")
+            self._set_reference(reports)
+            load_s = _now() - t_load
+            t_b = _now()
+            backup_bytes = self._make_backups() if cfg.keep_backups else 0
+            backup_s = _now() - t_b
+            t_g = _now()
+            self._form_group()
+            group_s = _now() - t_g
+            self._save()
+            self._start_monitor()
+            return {
+                "start_s": _now() - t0,
+                "load_s": load_s,
+                "backup_s": backup_s,
+                "backup_bytes": backup_bytes,
+                "group_s": group_s,
+                "checkpoint_bytes": int(sum(rep["bytes_read"] for rep in reports.values())),
+            }
+
+    def _wait_started(self, wids: list[str]) -> None:
+        refs = {wid: self.handles[wid].ping.remote() for wid in wids}
+        try:
+            self._get_all(refs, self.cfg.startup_timeout_s, "start")
+        except ElasticEPError as exc:
+            raise WorkerStartupError(str(exc)) from exc
+
+    def _set_reference(self, reports: dict) -> None:
+        """Reference fingerprint per logical expert from the start-up loads; replicas must agree."""
+        ref = np.zeros((self.spec.num_layers, self.spec.num_experts), dtype=np.int64)
+        seen = np.zeros_like(ref, dtype=bool)
+        for r, rep in reports.items():
+            experts = self.layout.experts_of(r)
+            fps = rep["fingerprints"]
+            for layer, slot in np.ndindex(experts.shape):
+                e = experts[layer, slot]
+                if seen[layer, e] and ref[layer, e] != fps[layer, slot]:
+                    raise VerificationError(
+                        f"replicas of expert {e} in layer {layer} differ right after loading the checkpoint"
+                    )
+                ref[layer, e] = fps[layer, slot]
+                seen[layer, e] = True
+        self.ref_fp = ref
+
+    def _save(self) -> None:
+        """Persist everything needed to resume (atomic rename)."""
+        state = {
+            "cfg": {**asdict(self.cfg), "model": asdict(self.spec)},
+            "layout": self.layout.to_dict() if self.layout is not None else None,
+            "epoch": self.epoch,
+            "generation": self.generation,
+            "members": {str(r): w for r, w in self.members.items()},
+            "spares": self.spares,
+            "rank_nodes": {str(r): n for r, n in self.rank_nodes.items()},
+            "dead": sorted(self.dead),
+            "next_worker": self.next_worker,
+            "ref_fp": self.ref_fp.tolist() if self.ref_fp is not None else None,
+            "backup_of": [[l, e, s] for (l, e), s in self.backup_of.items()],
+            "num_backup_stores": len(self.backup_stores),
+            "lost": self.lost,
+            "history": self.history[-50:],
+            "restarts": self.restarts,
+        }
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.state_path)
+
+    def _resume(self) -> None:
+        """Rebuild state after a controller restart; reattach to detached workers by name."""
+        state = json.loads(self.state_path.read_text())
+        self.layout = ExpertLayout.from_dict(state["layout"]) if state["layout"] else None
+        self.epoch = int(state["epoch"])
+        self.generation = int(state["generation"]) + 1  # the old store died with the old controller
+        self.members = {int(r): w for r, w in state["members"].items()}
+        self.spares = list(state["spares"])
+        self.rank_nodes = {int(r): int(n) for r, n in state["rank_nodes"].items()}
+        self.dead = set(state["dead"])
+        self.next_worker = int(state["next_worker"])
+        self.ref_fp = np.asarray(state["ref_fp"], dtype=np.int64) if state["ref_fp"] is not None else None
+        self.backup_of = {(int(l), int(e)): int(s) for l, e, s in state["backup_of"]}
+        self.lost = [tuple(x) for x in state["lost"]]
+        self.history = state["history"]
+        self.restarts = int(state.get("restarts", 0)) + 1
+        for wid in list(self.members.values()) + self.spares:
+            try:
+                self.handles[wid] = ray.get_actor(self._worker_name(wid))
+            except ValueError:
+                self.dead.add(wid)
+        self.backup_stores = []
+        for i in range(int(state["num_backup_stores"])):
+            try:
+                self.backup_stores.append(ray.get_actor(f"{self.prefix}-backup{i}"))
+            except ValueError:
+                self.backup_stores.append(None)
+        # A rebalance the old controller left uncommitted is dropped: live weights never changed.
+        alive = [w for w in self.handles if w not in self.dead]
+        for wid in alive:
+            try:
+                ray.get(self.handles[wid].discard.remote(self.epoch + 1), timeout=self.cfg.call_timeout_s)
+            except RayError:
+                self.dead.add(wid)
+        if self.layout is not None:
+            self._form_group()
+            self._save()
+            self._start_monitor()
+
+    # ------------------------------------------------------------------------------------
+    # watching
+    # ------------------------------------------------------------------------------------
+
+    def _start_monitor(self) -> None:
+        if self._monitor is not None and self._monitor.is_alive():
+            return
+        self._monitor = threading.Thread(target=self._watch_loop, name="eep-monitor", daemon=True)
+        self._monitor.start()
+
+    def _watch_loop(self) -> None:
+        """Hold a pending ``watch`` call on every worker; one raising means that worker died."""
+        pending: dict = {}
+        while not self._stop.is_set():
+            with self._state_lock:
+                wanted = [w for w in list(self.members.values()) + self.spares if w not in self.dead]
+            for wid in wanted:
+                if wid not in pending.values() and wid in self.handles:
+                    pending[self.handles[wid].watch.remote()] = wid
+            if not pending:
+                self._stop.wait(0.2)
+                continue
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in ready:
+                wid = pending.pop(ref)
+                try:
+                    ray.get(ref, timeout=0)
+                except RayError:
+                    self._mark_dead(wid)
+            if self.cfg.auto_recover and not self._busy.is_set() and self._needs_recovery():
+                self._busy.set()  # claimed here so that one death starts one recovery thread
+                threading.Thread(target=self._auto_recover, daemon=True).start()
+
+    def _auto_recover(self) -> None:
+        try:
+            self.recover()  # clears _busy when done
+        except Exception as exc:  # the next call or watch event retries
+            log.warning("automatic recovery failed: %s", exc)
+            self._busy.clear()
+            self._stop.wait(1.0)
+
+    def _mark_dead(self, wid: str) -> None:
+        with self._state_lock:
+            if wid not in self.dead:
+                log.warning("worker %s died", wid)
+                self.dead.add(wid)
+                self._death_time = self._death_time or time.time()
+
+    def _needs_recovery(self) -> bool:
+        with self._state_lock:
+            return any(w in self.dead for w in self.members.values()) or any(w in self.dead for w in self.spares)
+
+    def _probe(self) -> set[str]:
+        """Ping every worker (bounded) and return the dead.
+
+        With ``max_restarts`` set, a dead member is waited for (up to the start-up
+        timeout): Ray restarts it empty, and it takes its rank back as a fresh rank.
+        """
+        restartable = self.cfg.max_restarts != 0
+        wids = [w for w in list(self.members.values()) + self.spares if w not in self.dead or restartable]
+        refs = {w: self.handles[w].ping.remote() for w in wids}
+        deadline = _now() + self.cfg.call_timeout_s
+        for wid, ref in refs.items():
+            info = None
+            limit = deadline
+            while info is None:
+                try:
+                    info = ray.get(ref, timeout=max(0.01, limit - _now()))
+                except ray.exceptions.ActorUnavailableError:
+                    if not restartable:
+                        break
+                    if limit == deadline:
+                        limit = _now() + self.cfg.startup_timeout_s
+                    time.sleep(0.1)
+                    ref = self.handles[wid].ping.remote()
+                except (RayError, GetTimeoutError):
+                    break
+            if info is None:
+                self._mark_dead(wid)
+                continue
+            is_member = wid in self.members.values()
+            if restartable and is_member and info["epoch"] < 0:
+                # Restarted by Ray: same actor, state lost. It takes its rank back empty.
+                with self._state_lock:
+                    self.dead.discard(wid)
+                self._restarted.add(wid)
+        return set(self.dead)
+
+    # ------------------------------------------------------------------------------------
+    # public operations
+    # ------------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        with self._state_lock:
+            layout = self.layout
+            return {
+                "epoch": self.epoch,
+                "generation": self.generation,
+                "ranks": {r: w for r, w in sorted(self.members.items())},
+                "spares": list(self.spares),
+                "dead": sorted(self.dead),
+                "lost": list(self.lost),
+                "rank_nodes": dict(self.rank_nodes),
+                "layout": layout.to_dict() if layout is not None else None,
+                "restarts": self.restarts,
+                "busy": self._busy.is_set(),
+                "load_reports": len(self.window),
+                "history": self.history[-10:],
+            }
+
+    def arm_fault(self, phase: str, delay_s: float = 0.0) -> None:
+        self.faults.arm(phase, delay_s)
+
+    def arm_worker_fault(self, rank_or_wid, phase: str, delay_s: float = 0.0) -> str:
+        wid = self._resolve(rank_or_wid)
+        ray.get(self.handles[wid].arm_fault.remote(phase, delay_s), timeout=self.cfg.call_timeout_s)
+        return wid
+
+    def _resolve(self, rank_or_wid) -> str:
+        if isinstance(rank_or_wid, str):
+            if rank_or_wid not in self.handles:
+                raise UnknownRankError(f"no worker {rank_or_wid!r}; workers: {sorted(self.handles)}")
+            return rank_or_wid
+        rank = int(rank_or_wid)
+        if rank not in self.members:
+            raise UnknownRankError(f"no rank {rank}; ranks: {sorted(self.members)}")
+        return self.members[rank]
+
+    def worker_handle(self, rank_or_wid):
+        return self.handles[self._resolve(rank_or_wid)]
+
+    def kill(self, rank_or_wid, no_restart: bool = True) -> str:
+        """Kill a worker (chaos drills); returns its worker id."""
+        wid = self._resolve(rank_or_wid)
+        ray.kill(self.handles[wid], no_restart=no_restart)
+        return wid
+
+    def report_load(self, load) -> None:
+        """A serving engine's per-expert token counts for one interval: [num_layers, num_experts]."""
+        self.window.add(check_counts(load, (self.spec.num_layers, self.spec.num_experts), "load"))
+
+    def record_slot_tokens(self, slot_counts) -> None:
+        """Distribute per-slot token counts [L, num_slots] of the current layout to the workers."""
+        counts = check_counts(slot_counts, (self.spec.num_layers, self.layout.num_slots), "slot_counts")
+        spr = self.cfg.slots_per_rank
+        refs = []
+        for pos, r in enumerate(self.layout.ranks):
+            wid = self.members.get(r)
+            if wid is None or wid in self.dead:
+                continue
+            refs.append(self.handles[wid].record_tokens.remote(counts[:, pos * spr : (pos + 1) * spr]))
+        self._get_all(dict(enumerate(refs)), self.cfg.call_timeout_s, "record_tokens", tolerate_dead=True)
+
+    def collect_load(self) -> Optional[np.ndarray]:
+        """Pull the workers' per-slot token counts into the sliding window; returns the window total."""
+        refs = {r: self.handles[w].take_load.remote() for r, w in self.members.items() if w not in self.dead}
+        got = self._get_all(refs, self.cfg.call_timeout_s, "take_load", tolerate_dead=True)
+        total = np.zeros((self.spec.num_layers, self.spec.num_experts))
+        any_tokens = False
+        for rep in got.values():
+            if rep["tokens"].sum() <= 0:
+                continue
+            any_tokens = True
+            experts = rep["experts"]
+            rows = np.repeat(np.arange(self.spec.num_layers), experts.shape[1])
+            valid = experts.ravel() >= 0
+            np.add.at(total, (rows[valid], experts.ravel()[valid]), rep["tokens"].ravel()[valid])
+        if any_tokens:
+            self.window.add(total)
+        return self.window.total()
+
+    def rebalance(self) -> dict:
+        """Re-place experts by the recorded load (and heal any dead rank on the way)."""
+        self.collect_load()
+        return self._reconfigure("rebalance")
+
+    def recover(self) -> dict:
+        """Replace or drop dead ranks (spares first, then shrink) and restore every slot."""
+        return self._reconfigure("recover")
+
+    def grow(self, num_ranks: int = 1) -> dict:
+        if num_ranks <= 0:
+            raise ValueError(f"grow needs num_ranks >= 1, got {num_ranks}")
+        return self._reconfigure("grow", add=num_ranks)
+
+    def shrink(self, ranks: list[int]) -> dict:
+        for r in ranks:
+            if int(r) not in self.members:
+                raise UnknownRankError(f"no rank {r}; ranks: {sorted(self.members)}")
+        return self._reconfigure("shrink", remove=[int(r) for r in ranks])
+
+    def verify(self, against_checkpoint: bool = False) -> dict:
+        """Fingerprint every live slot and compare with the reference (or a fresh read of the checkpoint)."""
+        with self._lock:
+            ref = self.ref_fp
+            if against_checkpoint:
+                ref = self._checkpoint_fingerprints()
+            refs = {r: self.handles[w].fingerprints.remote() for r, w in self.members.items() if w not in self.dead}
+            got = self._get_all(refs, self.cfg.call_timeout_s, "fingerprints", tolerate_dead=True)
+            bad, checked = [], 0
+            for r, rep in got.items():
+                want = self.layout.experts_of(r)
+                if not np.array_equal(rep["experts"], want):
+                    diff = np.argwhere(rep["experts"] != want)[0]
+                    bad.append({"rank": r, "layer": int(diff[0]), "slot": int(diff[1]), "why": "wrong expert"})
+                fp = rep["fingerprints"]
+                for layer, slot in np.ndindex(want.shape):
+                    checked += 1
+                    if fp[layer, slot] != ref[layer, want[layer, slot]]:
+                        bad.append({"rank": r, "layer": layer, "slot": slot, "expert": int(want[layer, slot]),
+                                    "why": "fingerprint mismatch"})
+            missing = sorted(set(self.members) - set(got))
+            return {"ok": not bad and not missing, "slots_checked": checked, "bad": bad[:20],
+                    "num_bad": len(bad), "ranks_unreachable": missing, "epoch": self.epoch}
+
+    def _checkpoint_fingerprints(self) -> np.ndarray:
+        from elastic_ep.storage import CheckpointReader, fingerprint_stacked
+
+        reader = CheckpointReader(self.cfg.checkpoint, self.spec, self.cfg.preset)
+        out = np.zeros((self.spec.num_layers, self.spec.num_experts), dtype=np.int64)
+        for layer in range(self.spec.num_layers):
+            w13, w2 = reader.read_layer_slots(layer, list(range(self.spec.num_experts)))
+            out[layer] = fingerprint_stacked(w13, w2)
+        return out
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        for wid, h in list(self.handles.items()):
+            try:
+                ray.kill(h)
+            except Exception:
+                pass
+        for s in self.backup_stores:
+            if s is not None:
+                try:
+                    ray.kill(s)
+                except Exception:
+                    pass
+        self.store.close()
+
+    # ------------------------------------------------------------------------------------
+    # backups and groups
+    # ------------------------------------------------------------------------------------
+
+    def _store_for(self, node: int):
+        from actors.backup import BackupStore
+
+        while len(self.backup_stores) <= node:
+            i = len(self.backup_stores)
+            opts = dict(name=f"{self.prefix}-backup{i}", lifetime="detached", num_cpus=0)
+            strategy = self._node_strategy(i)
+            if strategy is not None:
+                opts["scheduling_strategy"] = strategy
+            self.backup_stores.append(ray.remote(BackupStore).options(**opts).remote(i))
+        if self.backup_stores[node] is None:
+            raise TransferError(f"backup store {node} is gone")
+        return self.backup_stores[node]
+
+    def _make_backups(self, keys: Optional[list[tuple[int, int]]] = None) -> int:
+        """One host copy of each expert, on a logical node other than the one its source rank is on."""
+        layout = self.layout
+        num_nodes = max(1, self.cfg.num_nodes)
+        want = keys if keys is not None else [
+            (l, e) for l in range(self.spec.num_layers) for e in range(self.spec.num_experts)
+        ]
+        want = [k for k in want if k not in self.backup_of]
+        by_pair: dict[tuple[str, int], list] = {}
+        log2phy = layout.log2phy
+        for layer, expert in want:
+            slots = [p for p in log2phy[layer, expert] if p >= 0]
+            holders = [layout.ranks[p // layout.slots_per_rank] for p in slots]
+            holders = [r for r in holders if self.members.get(r) not in self.dead]
+            if not holders:
+                continue
+            src = holders[0]
+            node = (self.rank_nodes.get(src, 0) + 1) % num_nodes
+            by_pair.setdefault((self.members[src], node), []).append((layer, expert))
+        refs = {}
+        for (wid, node), ks in by_pair.items():
+            store = self._store_for(node)
+            refs[(wid, node)] = store.ingest.remote(self.handles[wid], ks, self.cfg.call_timeout_s)
+            for k in ks:
+                self.backup_of[k] = node
+        got = self._get_all(refs, self.cfg.call_timeout_s * 2, "backup", tolerate_dead=True)
+        for (wid, node), ks in by_pair.items():
+            if (wid, node) not in got:
+                for k in ks:
+                    self.backup_of.pop(k, None)
+        return int(sum(got.values()))
+
+    def _backup_refs(self, keys: list[tuple[int, int]]) -> dict:
+        by_store: dict[int, list] = {}
+        for k in keys:
+            s = self.backup_of.get(k)
+            if s is not None and self.backup_stores[s] is not None:
+                by_store.setdefault(s, []).append(k)
+        out = {}
+        for s, ks in by_store.items():
+            try:
+                out.update(ray.get(self.backup_stores[s].refs.remote(ks), timeout=self.cfg.call_timeout_s))
+            except RayError:
+                self.backup_stores[s] = None
+                for k in list(self.backup_of):
+                    if self.backup_of[k] == s:
+                        del self.backup_of[k]
+        return out
+
+    def _form_group(self) -> float:
+        """A fresh collective group over every live worker (ranks and spares)."""
+        from elastic_ep.transport import group_name_for
+
+        t0 = _now()
+        wids = sorted(w for w in list(self.members.values()) + self.spares if w not in self.dead)
+        self.generation += 1
+        name = group_name_for(self.prefix, self.generation)
+        host, port = self.store.address
+        refs = {
+            w: self.handles[w].form_group.remote(name, len(wids), i, host, port, self.cfg.transfer_timeout_s)
+            for i, w in enumerate(wids)
+        }
+        got = self._get_all(refs, self.cfg.transfer_timeout_s + self.cfg.call_timeout_s, "form_group",
+                            tolerate_dead=True)
+        if set(got) != set(wids):
+            raise TransferError(f"workers {sorted(set(wids) - set(got))} did not join group {name}")
+        old = self.group
+        self.group, self.group_members = name, wids
+        if old is not None:
+            for w in wids:
+                self.handles[w].leave_groups.remote(keep=[name])
+        return _now() - t0
+
+    # ------------------------------------------------------------------------------------
+    # the reconfiguration loop
+    # ------------------------------------------------------------------------------------
+
+    def _reconfigure(self, reason: str, add: int = 0, remove: Optional[list[int]] = None) -> dict:
+        with self._lock:
+            self._busy.set()
+            try:
+                return self._reconfigure_locked(reason, add, remove)
+            finally:
+                self._busy.clear()
+
+    def _reconfigure_locked(self, reason: str, add: int, remove: Optional[list[int]]) -> dict:
+        if True:
+            t_start = _now()
+            death_time = self._death_time
+            failures: list[str] = []
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                try:
+                    report = self._attempt(reason, add, remove or [], attempt, failures)
+                except (TransferError, RayError, GetTimeoutError) as exc:
+                    failures.append(f"attempt {attempt}: {type(exc).__name__}: {exc}")
+                    log.warning("reconfiguration attempt %d failed: %s", attempt, exc)
+                    self._discard_all()
+                    continue
+                report.failures = failures
+                report.total_s = _now() - t_start
+                if death_time is not None and reason == "recover":
+                    report.since_death_s = time.time() - death_time
+                self._death_time = None
+                self.history.append(report.to_dict())
+                self._save()
+                return report.to_dict()
+            raise TransferError(f"{reason} failed after {MAX_ATTEMPTS} attempts: " + "; ".join(failures))
+
+    def _discard_all(self) -> None:
+        refs = {w: self.handles[w].discard.remote(self.epoch + 1) for w in self.handles if w not in self.dead}
+        self._get_all(refs, self.cfg.call_timeout_s, "discard", tolerate_dead=True)
+
+    def _attempt(self, reason: str, add: int, remove: list[int], attempt: int, failures: list) -> RebalanceReport:
+        rep = RebalanceReport(reason=reason, epoch_from=self.epoch, attempt=attempt)
+        cfg = self.cfg
+        # Phase: detect
+        t0 = _now()
+        self._restarted = set()
+        self._probe()
+        rep.phases["detect"] = _now() - t0
+
+        # Phase: decide membership
+        t0 = _now()
+        old = self.layout
+        members = dict(self.members)
+        fresh: set[int] = set()
+        retired: list[str] = []
+        for rank, wid in sorted(members.items()):
+            if wid in self._restarted:
+                fresh.add(rank)
+                rep.replaced[rank] = f"{wid} (restarted)"
+            elif wid in self.dead:
+                spare = self._take_spare()
+                if spare is not None:
+                    members[rank] = spare
+                    fresh.add(rank)
+                    rep.replaced[rank] = spare
+                else:
+                    del members[rank]
+                    rep.dropped.append(rank)
+        for rank in remove:
+            if rank in members:
+                retired.append(members.pop(rank))
+                rep.dropped.append(rank)
+        for _ in range(add):
+            rank = max(list(members) + list(old.ranks)) + 1
+            wid = self._take_spare()
+            if wid is None:
+                node = rank % cfg.num_nodes
+                wid = self._new_worker(node)
+                self._wait_started([wid])
+            self.rank_nodes[rank] = len(members) // max(1, (cfg.num_ranks // cfg.num_nodes)) % cfg.num_nodes
+            members[rank] = wid
+            fresh.add(rank)
+            rep.added.append(rank)
+        if not members:
+            raise CapacityError("no live rank is left to hold experts")
+        # Ranks whose weights are intact can send, including ranks being retired by a shrink.
+        holders = {r: w for r, w in self.members.items() if r in old.ranks and w not in self.dead}
+        holders = {r: w for r, w in holders.items() if r not in fresh}
+        survivors = set(holders)
+        rep.phases["decide"] = _now() - t0
+
+        # Phase: plan (pure)
+        t0 = _now()
+        load = self.window.total()
+        if load is None or load.sum() <= 0:
+            load = np.ones((old.num_layers, old.num_experts))  # no statistics yet: balance replica counts
+        ranks = sorted(members)
+        new = rebalance_experts(
+            load, ranks, cfg.slots_per_rank, rank_nodes=[self.rank_nodes.get(r, 0) for r in ranks],
+            num_groups=self.spec.num_groups, old=old, live_ranks=sorted(survivors), policy=cfg.policy,
+        )
+        plan = plan_transfers(old, new, sorted(survivors), expert_bytes=self.spec.expert_bytes, fresh_ranks=fresh)
+        rep.phases["plan"] = _now() - t0
+        rep.plan = plan.summary()
+        self.faults.hit("planned")
+        if plan.is_noop and not fresh and not retired and members == self.members:
+            rep.epoch_to = self.epoch
+            rep.noop = True
+            self._refresh_balance(rep, new, load)
+            return rep
+
+        # Storage: which fetched experts still exist somewhere?
+        fetch_keys = sorted({(int(l), int(e)) for l, e, _, _ in plan.fetches})
+        backup_refs = self._backup_refs(fetch_keys) if fetch_keys else {}
+        if fetch_keys and cfg.checkpoint is None:
+            lost = [k for k in fetch_keys if k not in backup_refs]
+            if lost:
+                self.lost = lost
+                raise ExpertsLostError(
+                    f"{len(lost)} experts have no copy left (no live replica, backup or checkpoint), "
+                    f"e.g. (layer, expert) {lost[:5]}; the cluster keeps serving the previous layout",
+                    lost,
+                )
+
+        # Phase: communicators (already formed for every live worker unless membership grew)
+        t0 = _now()
+        participants = {r: members.get(r, holders.get(r)) for r in plan.participants}
+        need_group = len(plan.transfers) and (
+            not set(participants.values()) <= set(self.group_members) or self._restarted
+        )
+        if need_group:
+            self._form_group()
+        rep.phases["communicators"] = _now() - t0
+        group_rank = {}
+        index = {w: i for i, w in enumerate(self.group_members)}
+        for r in set(plan.transfers[:, 2].tolist()) | set(plan.transfers[:, 4].tolist()):
+            group_rank[int(r)] = index[participants[r]]
+
+        # Phase: transfer (P2P + storage) into staging on every participant
+        t0 = _now()
+        self.faults.hit("executing")
+        epoch = self.epoch + 1
+        refs = {}
+        for r, wid in participants.items():
+            part = plan.for_rank(r)
+            keys = {(int(l), int(e)) for l, e, _, _ in part.fetches}
+            refs[r] = self.handles[wid].execute.remote(
+                epoch, part, self.group, group_rank, cfg.transfer_timeout_s,
+                {k: backup_refs[k] for k in keys if k in backup_refs},
+            )
+        results = self._get_all(refs, cfg.transfer_timeout_s + cfg.call_timeout_s, "execute")
+        rep.phases["transfer"] = _now() - t0
+        rep.worker_timings = {r: res["timings_s"] for r, res in results.items()}
+        rep.bytes_p2p = int(sum(res["bytes_received"] for res in results.values()))
+        rep.bytes_from_backup = int(sum(res["bytes_from_backup"] for res in results.values()))
+        rep.bytes_from_checkpoint = int(sum(res["bytes_from_checkpoint"] for res in results.values()))
+
+        # Phase: verify every staged slot against the reference fingerprint
+        t0 = _now()
+        bad = []
+        for r, res in results.items():
+            for layer, slot, expert, fp in res["staged"]:
+                if new.experts_of(r)[layer, slot] != expert or self.ref_fp[layer, expert] != fp:
+                    bad.append((r, layer, slot, expert))
+        if bad:
+            raise TransferError(f"{len(bad)} staged slots failed verification, e.g. (rank, layer, slot, expert) {bad[:5]}")
+        rep.slots_verified = int(sum(len(res["staged"]) for res in results.values()))
+        rep.phases["verify"] = _now() - t0
+        self.faults.hit("verified")
+
+        # Phase: commit (every participant staged and verified; now make it live everywhere)
+        t0 = _now()
+        self.faults.hit("committing")
+        commit_refs = {r: self.handles[w].commit.remote(epoch, r) for r, w in members.items() if w not in self.dead}
+        done = self._get_all(commit_refs, cfg.call_timeout_s, "commit", tolerate_dead=True)
+        with self._state_lock:
+            self.layout = new
+            self.epoch = epoch
+            self.members = members
+            self.lost = []
+        for wid in retired:
+            try:
+                ray.get(self.handles[wid].retire.remote(), timeout=cfg.call_timeout_s)
+                self.spares.append(wid)
+            except RayError:
+                self.dead.add(wid)
+        rep.phases["commit"] = _now() - t0
+        rep.epoch_to = epoch
+        self._save()
+        if set(done) != set(commit_refs):
+            rep.notes.append(f"ranks {sorted(set(commit_refs) - set(done))} died during commit; next recovery heals them")
+        self._refresh_balance(rep, new, load)
+
+        # After the critical path: replenish spares, re-form communicators, restore backups.
+        t0 = _now()
+        self._after_commit(rep)
+        rep.phases["replenish"] = _now() - t0
+        return rep
+
+    def _refresh_balance(self, rep: RebalanceReport, new: ExpertLayout, load: np.ndarray) -> None:
+        for name, layout in (("before", self.layout if rep.noop else None), ("after", new)):
+            if layout is None:
+                continue
+            rl = layout.rank_loads(load)
+            rep.balance[name] = float((rl.max(axis=1) / np.maximum(rl.mean(axis=1), 1e-12)).mean())
+
+    def _take_spare(self) -> Optional[str]:
+        while self.spares:
+            wid = self.spares.pop(0)
+            if wid not in self.dead:
+                return wid
+        return None
+
+    def _after_commit(self, rep: RebalanceReport) -> None:
+        cfg = self.cfg
+        dead_spares = [w for w in self.spares if w in self.dead]
+        self.spares = [w for w in self.spares if w not in self.dead]
+        changed = bool(rep.replaced or rep.added or rep.dropped or dead_spares)
+        while len(self.spares) < cfg.num_spares and changed:
+            wid = self._new_worker(len(self.spares) % cfg.num_nodes)
+            try:
+                self._wait_started([wid])
+                self.spares.append(wid)
+            except WorkerStartupError as exc:
+                rep.notes.append(f"could not start a new spare: {exc}")
+                break
+        if changed:
+            try:
+                self._form_group()
+            except TransferError as exc:
+                rep.notes.append(f"communicators not re-formed: {exc}")
+        # Backups whose store died are recreated from live replicas.
+        missing = [(l, e) for l in range(self.spec.num_layers) for e in range(self.spec.num_experts)
+                   if (l, e) not in self.backup_of]
+        if missing and cfg.keep_backups:
+            try:
+                self._make_backups(missing)
+            except ElasticEPError as exc:
+                rep.notes.append(f"backups not restored: {exc}")
+        self._save()
+
+    # ------------------------------------------------------------------------------------
+
+    def _get_all(self, refs: dict, timeout_s: float, what: str, tolerate_dead: bool = False) -> dict:
+        """ray.get a dict of refs with one deadline; dead actors raise (or are skipped if tolerated)."""
+        out = {}
+        deadline = _now() + timeout_s
+        errors = []
+        for key, ref in refs.items():
+            try:
+                out[key] = ray.get(ref, timeout=max(0.01, deadline - _now()))
+            except GetTimeoutError:
+                errors.append(f"{key}: timed out after {timeout_s:.1f}s")
+                ray.cancel(ref, force=False)
+            except RayActorError as exc:
+                wid = key if isinstance(key, str) else self.members.get(key) if isinstance(key, int) else None
+                if wid is not None:
+                    self._mark_dead(wid)
+                errors.append(f"{key}: actor died")
+            except RayError as exc:
+                cause = getattr(exc, "cause", None) or exc
+                if isinstance(cause, ElasticEPError) and not isinstance(cause, TransferError):
+                    raise cause
+                errors.append(f"{key}: {type(cause).__name__}: {str(cause)[:300]}")
+        if errors and not tolerate_dead:
+            raise TransferError(f"{what} failed on " + "; ".join(errors))
+        return out
+
+
+def controller_actor_class():
+    return ray.remote(num_cpus=0, max_concurrency=16, max_restarts=-1, max_task_retries=0)(Controller)

@@ -1,0 +1,327 @@
+"""ExpertWorker actor: one per EP rank (one GPU); holds its slots' stacked expert weights and runs its part of a plan."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+import ray
+import torch
+
+from elastic_ep.config import ModelSpec
+from elastic_ep.errors import CheckpointError, TransferError
+from elastic_ep.executor import ExpertWeights, StagedUpdate, commit, execute_rank_plan
+from elastic_ep.faults import WORKER_PHASES, FaultInjector
+from elastic_ep.plan import RankPlan
+from elastic_ep.storage import CheckpointReader, fingerprint_stacked, torch_dtype
+
+
+class ExpertWorker:
+    """Holds one rank's experts and executes its share of transfer plans.
+
+    A spare worker (rank None) has its buffers allocated (and, on GPU, its CUDA
+    context and communicators ready) so that it can take over a dead rank at once.
+    Control calls (ping, status, arm_fault) run in their own concurrency group and
+    stay responsive while a transfer runs.
+    """
+
+    def __init__(
+        self,
+        worker_id: str,
+        spec: ModelSpec,
+        slots_per_rank: int,
+        device: str = "cpu",
+        checkpoint: Optional[str] = None,
+        preset: str = "deepseek",
+    ):
+        from elastic_ep.transport import register_backends
+
+        register_backends()
+        self.worker_id = worker_id
+        self.spec = spec
+        self.spr = slots_per_rank
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.checkpoint = checkpoint
+        self.preset = preset
+        self._reader: Optional[CheckpointReader] = None
+        self.rank: Optional[int] = None
+        self.epoch = -1
+        dtype = torch_dtype(spec)
+        shape = (spec.num_layers, slots_per_rank)
+        self.weights = ExpertWeights(
+            w13=torch.zeros(shape + spec.w13_shape, dtype=dtype, device=self.device),
+            w2=torch.zeros(shape + spec.w2_shape, dtype=dtype, device=self.device),
+            experts=np.full(shape, -1, dtype=np.int64),
+        )
+        self._staged: Optional[StagedUpdate] = None
+        self._groups: dict[str, tuple[int, int]] = {}  # group name -> (world, group rank)
+        self._slot_tokens = np.zeros(shape, dtype=np.float64)
+        self._busy: Optional[str] = None
+        self._lock = threading.Lock()
+        self.faults = FaultInjector(WORKER_PHASES)
+
+    # -- control (concurrency group "control") ----------------------------------------
+
+    def ping(self) -> dict:
+        return {
+            "worker_id": self.worker_id,
+            "rank": self.rank,
+            "epoch": self.epoch,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "busy": self._busy,
+            "groups": sorted(self._groups),
+        }
+
+    def watch(self) -> None:
+        """Blocks for as long as this worker lives; the controller learns of a death when it raises."""
+        threading.Event().wait()
+
+    def arm_fault(self, phase: str, delay_s: float = 0.0) -> None:
+        self.faults.arm(phase, delay_s)
+
+    # -- loading -----------------------------------------------------------------------
+
+    def _checkpoint_reader(self) -> CheckpointReader:
+        if self.checkpoint is None:
+            raise CheckpointError("no checkpoint configured for this cluster")
+        if self._reader is None:
+            self._reader = CheckpointReader(self.checkpoint, self.spec, self.preset)
+        return self._reader
+
+    def load(self, rank: int, experts: np.ndarray, epoch: int) -> dict:
+        """Load a rank's slots from the checkpoint (start-up): experts [L, S]. Returns fingerprints."""
+        self.faults.hit("load")
+        experts = np.asarray(experts, dtype=np.int64)
+        reader = self._checkpoint_reader()
+        t0 = time.perf_counter()
+        for layer in range(self.spec.num_layers):
+            w13, w2 = reader.read_layer_slots(layer, experts[layer].tolist(), device=str(self.device))
+            self.weights.w13[layer].copy_(w13)
+            self.weights.w2[layer].copy_(w2)
+        self.weights.experts[:] = experts
+        self.rank = int(rank)
+        self.epoch = int(epoch)
+        return {
+            "fingerprints": self.weights.fingerprints(),
+            "bytes_read": reader.bytes_read,
+            "load_s": time.perf_counter() - t0,
+        }
+
+    def export_experts(self, keys: list[tuple[int, int]]) -> dict:
+        """Host copies of some experts this worker holds: {(layer, expert): (w13, w2)}."""
+        out = {}
+        for layer, expert in keys:
+            slots = np.nonzero(self.weights.experts[int(layer)] == int(expert))[0]
+            if not len(slots):
+                raise ValueError(f"worker {self.worker_id} does not hold expert {expert} of layer {layer}")
+            s = int(slots[0])
+            out[(int(layer), int(expert))] = (
+                self.weights.w13[layer, s].to("cpu", copy=True),
+                self.weights.w2[layer, s].to("cpu", copy=True),
+            )
+        return out
+
+    # -- communicators -----------------------------------------------------------------
+
+    def form_group(self, group_name: str, world: int, group_rank: int, host: str, port: int, timeout_s: float) -> float:
+        """Join a membership epoch's collective group; returns seconds taken."""
+        from elastic_ep.transport import form_group
+
+        self.faults.hit("form_group")
+        t0 = time.perf_counter()
+        if group_name not in self._groups:
+            form_group(group_name, world, group_rank, host, port, timeout_s, self.device.type)
+            self._groups[group_name] = (world, group_rank)
+        return time.perf_counter() - t0
+
+    def leave_groups(self, keep: Optional[list[str]] = None) -> None:
+        """Drop every group except ``keep`` (never blocks on a dead peer)."""
+        from elastic_ep.transport import leave_group
+
+        for name in list(self._groups):
+            if keep and name in keep:
+                continue
+            self._groups.pop(name, None)
+            leave_group(name)
+
+    # -- executing a plan --------------------------------------------------------------
+
+    def execute(
+        self,
+        epoch: int,
+        part: RankPlan,
+        group_name: Optional[str],
+        group_rank: dict[int, int],
+        timeout_s: float,
+        backup_refs: Optional[dict] = None,
+        max_message_bytes: int = 256 << 20,
+    ) -> dict:
+        """Stage this rank's part of a plan; live weights stay untouched until commit()."""
+        from elastic_ep.transport import CollectiveTransport
+
+        with self._lock:
+            self._busy = f"execute epoch {epoch}"
+            try:
+                self._staged = None
+                stats = {"from_backup": 0, "from_checkpoint": 0}
+
+                def fetch(keys):
+                    return self._fetch(keys, backup_refs or {}, timeout_s, stats)
+
+                def on_phase(name):
+                    if name == "transfer":
+                        if len(part.sends):
+                            self.faults.hit("transfer_send")
+                        if len(part.recvs):
+                            self.faults.hit("transfer_recv")
+                    else:
+                        self.faults.hit(name)
+
+                transport = None
+                if len(part.sends) or len(part.recvs):
+                    if group_name not in self._groups:
+                        raise TransferError(f"worker {self.worker_id} is not in group {group_name}")
+                    transport = CollectiveTransport(group_name)
+                t0 = time.perf_counter()
+                staged = execute_rank_plan(
+                    part,
+                    self.weights,
+                    epoch,
+                    transport if transport is not None else _NoTransport(),
+                    group_rank,
+                    fetch,
+                    timeout_s,
+                    max_message_bytes=max_message_bytes,
+                    on_phase=on_phase,
+                )
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                staged.timings_s["execute"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                fps = staged.fingerprints()
+                staged.timings_s["fingerprint"] = time.perf_counter() - t0
+                self._staged = staged
+                self.faults.hit("staged")
+                return {
+                    "worker_id": self.worker_id,
+                    "epoch": epoch,
+                    "staged": fps,
+                    "timings_s": staged.timings_s,
+                    "bytes_sent": staged.bytes_sent,
+                    "bytes_received": staged.bytes_received,
+                    "bytes_from_backup": stats["from_backup"],
+                    "bytes_from_checkpoint": stats["from_checkpoint"],
+                }
+            finally:
+                self._busy = None
+
+    def _fetch(self, keys, backup_refs: dict, timeout_s: float, stats: dict) -> dict:
+        """Experts from host backups when the object store still has them, else from the checkpoint."""
+        out = {}
+        from_backup = [k for k in keys if tuple(k) in backup_refs]
+        if from_backup:
+            try:
+                values = ray.get([backup_refs[tuple(k)] for k in from_backup], timeout=timeout_s)
+                for k, (w13, w2) in zip(from_backup, values):
+                    out[tuple(k)] = (w13, w2)
+                    stats["from_backup"] += w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                out.clear()  # a lost backup: fall through to the checkpoint for all of them
+        rest = [tuple(k) for k in keys if tuple(k) not in out]
+        if rest:
+            reader = self._checkpoint_reader()
+            before = reader.bytes_read
+            out.update(reader.read_experts(rest, device=str(self.device)))
+            stats["from_checkpoint"] += reader.bytes_read - before
+        return out
+
+    def commit(self, epoch: int, rank: int) -> dict:
+        """Make the staged update live (atomic per rank: plain copies that cannot fail halfway but by death)."""
+        with self._lock:
+            staged = self._staged
+            if staged is not None and staged.epoch != epoch:
+                raise TransferError(f"worker {self.worker_id} has staging for epoch {staged.epoch}, not {epoch}")
+            t0 = time.perf_counter()
+            if staged is not None:
+                commit(self.weights, staged)
+            self._staged = None
+            self.rank = int(rank)
+            self.epoch = int(epoch)
+            return {"commit_s": time.perf_counter() - t0, "slots": 0 if staged is None else len(staged.slots)}
+
+    def discard(self, epoch: int) -> None:
+        with self._lock:
+            if self._staged is not None and self._staged.epoch <= epoch:
+                self._staged = None
+
+    def retire(self) -> None:
+        """Stop serving a rank (shrink): keep the process as a spare with empty slots."""
+        with self._lock:
+            self.rank = None
+            self.weights.experts[:] = -1
+
+    # -- verification and load -----------------------------------------------------------
+
+    def fingerprints(self) -> dict:
+        return {"rank": self.rank, "epoch": self.epoch, "experts": self.weights.experts.copy(),
+                "fingerprints": self.weights.fingerprints()}
+
+    def record_tokens(self, slot_counts: np.ndarray) -> None:
+        """Count tokens routed to this rank's slots: [num_layers, slots_per_rank]."""
+        counts = np.asarray(slot_counts, dtype=np.float64)
+        if counts.shape != self._slot_tokens.shape:
+            raise ValueError(f"slot counts must be {list(self._slot_tokens.shape)}, got {list(counts.shape)}")
+        self._slot_tokens += counts
+
+    def take_load(self) -> dict:
+        """Token counts per slot since the last call, with the experts they went to."""
+        out = {"experts": self.weights.experts.copy(), "tokens": self._slot_tokens.copy(), "rank": self.rank}
+        self._slot_tokens[:] = 0
+        return out
+
+    def forward_check(self, layer: int, slot: int) -> float:
+        """A tiny expert forward (SiLU-gated MLP) on a fixed input, to show slots are usable as weights."""
+        w13 = self.weights.w13[layer, slot].float()
+        w2 = self.weights.w2[layer, slot].float()
+        x = torch.ones(1, w13.shape[1], device=w13.device) / w13.shape[1]
+        gate, up = (x @ w13.T).chunk(2, dim=-1)
+        return float((torch.nn.functional.silu(gate) * up @ w2.T).sum())
+
+
+class _NoTransport:
+    """A rank with no point-to-point work in a plan."""
+
+    def add_send(self, tensor, peer):  # pragma: no cover - never called without transfers
+        raise TransferError("no transport")
+
+    add_recv = add_send
+
+    def execute(self, timeout_s):
+        return None
+
+
+def worker_actor_class(device: str):
+    """The ray.remote-wrapped worker class: one GPU each on CUDA, no CPU reservation on CPU."""
+    opts = dict(concurrency_groups={"control": 4, "watch": 1, "data": 1}, max_task_retries=0)
+    if device == "cuda":
+        opts["num_gpus"] = 1
+        opts["num_cpus"] = 1
+    else:
+        opts["num_cpus"] = 0
+    cls = ray.remote(**opts)(ExpertWorker)
+    return cls
+
+
+# Which concurrency group each method runs in.
+ExpertWorker.watch = ray.method(concurrency_group="watch")(ExpertWorker.watch)
+for _name in ("ping", "arm_fault"):
+    setattr(ExpertWorker, _name, ray.method(concurrency_group="control")(getattr(ExpertWorker, _name)))
+for _name in ("load", "export_experts", "form_group", "leave_groups", "execute", "commit", "discard",
+              "retire", "fingerprints", "record_tokens", "take_load", "forward_check"):
+    setattr(ExpertWorker, _name, ray.method(concurrency_group="data")(getattr(ExpertWorker, _name)))

@@ -1,0 +1,205 @@
+"""ElasticEPCluster: the API users call. Starts Ray (embedded or remote), the controller, and drives it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from .config import ClusterConfig
+from .errors import ConfigError, ElasticEPError, UnknownRankError
+from .workload import SkewedRouter, logical_to_slot_counts
+
+
+def _repo_root() -> str:
+    return str(Path(__file__).resolve().parents[1])
+
+
+class ElasticEPCluster:
+    """One elastic expert-parallel cluster.
+
+    >>> cluster = ElasticEPCluster(ClusterConfig(checkpoint="ckpt/"))
+    >>> cluster.start()
+    >>> cluster.run_workload(batches=8)
+    >>> report = cluster.rebalance()
+    >>> cluster.verify()["ok"]
+    True
+    >>> cluster.shutdown()
+    """
+
+    def __init__(self, config: ClusterConfig, ray_init_kwargs: Optional[dict] = None):
+        if not isinstance(config, ClusterConfig):
+            raise ConfigError(f"config must be a ClusterConfig, got {type(config).__name__}")
+        self.config = config
+        self._ray_kwargs = dict(ray_init_kwargs or {})
+        self._controller = None
+        self._started_ray = False
+        self._router: Optional[SkewedRouter] = None
+        self.state_dir = config.state_dir or tempfile.mkdtemp(prefix="eep-state-")
+        self.prefix = f"{config.name}-{uuid.uuid4().hex[:6]}"
+        self.last_start: Optional[dict] = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> dict:
+        """Connect to Ray (embedded when no address is given), start the controller and workers."""
+        import ray
+
+        from actors.controller import controller_actor_class
+
+        if not ray.is_initialized():
+            env = {"PYTHONPATH": os.pathsep.join(filter(None, [_repo_root(), os.environ.get("PYTHONPATH")]))}
+            for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+                if key in os.environ:
+                    env[key] = os.environ[key]
+            kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=False)
+            if self.config.address is None:
+                kwargs.update(include_dashboard=False, configure_logging=False)
+                kwargs.setdefault("num_cpus", max(2, os.cpu_count() or 2))
+            else:
+                kwargs["address"] = self.config.address
+            kwargs.update(self._ray_kwargs)
+            ray.init(**kwargs)
+            self._started_ray = True
+        cls = controller_actor_class()
+        self._controller = cls.options(name=f"{self.prefix}-controller").remote(
+            self.config, self.state_dir, self.prefix
+        )
+        self.last_start = self._call("start", timeout=self.config.startup_timeout_s * 3)
+        return self.last_start
+
+    def shutdown(self) -> None:
+        """Stop every actor of this cluster (and Ray, if this cluster started it)."""
+        import ray
+
+        if self._controller is not None:
+            try:
+                ray.get(self._controller.shutdown.remote(), timeout=self.config.call_timeout_s)
+            except Exception:
+                pass
+            try:
+                ray.kill(self._controller)
+            except Exception:
+                pass
+            self._controller = None
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> "ElasticEPCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def _call(self, method: str, *args, timeout: Optional[float] = None, **kwargs):
+        """Call the controller with a bound; survive a controller restart by retrying once it is back."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+
+        if self._controller is None:
+            raise ElasticEPError("the cluster is not started; call start() first")
+        limit = timeout or (self.config.call_timeout_s + 2 * self.config.transfer_timeout_s)
+        deadline = time.monotonic() + limit
+        while True:
+            ref = getattr(self._controller, method).remote(*args, **kwargs)
+            try:
+                return ray.get(ref, timeout=max(0.01, deadline - time.monotonic()))
+            except RayTaskError as exc:
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                raise cause from None
+            except (ActorUnavailableError, ActorDiedError) as exc:
+                if isinstance(exc, ActorDiedError) and "restart" not in str(exc).lower():
+                    if time.monotonic() > deadline:
+                        raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # the controller is restarting: it resumes from its saved state
+
+    def status(self) -> dict:
+        return self._call("status")
+
+    def rebalance(self) -> dict:
+        """Re-place experts by the recorded load; returns a report of what moved and each phase's time."""
+        return self._call("rebalance")
+
+    def recover(self) -> dict:
+        """Heal dead ranks now (the controller also does this on its own when auto_recover is on)."""
+        return self._call("recover")
+
+    def grow(self, num_ranks: int = 1) -> dict:
+        return self._call("grow", num_ranks)
+
+    def shrink(self, ranks: Union[int, list[int]]) -> dict:
+        return self._call("shrink", [ranks] if isinstance(ranks, int) else list(ranks))
+
+    def verify(self, against_checkpoint: bool = False) -> dict:
+        """Check every slot's weights against its logical expert's reference fingerprint."""
+        return self._call("verify", against_checkpoint)
+
+    def kill(self, rank: Union[int, str]) -> str:
+        """Kill a rank's worker process (a chaos drill); returns the worker id."""
+        return self._call("kill", rank)
+
+    def arm_fault(self, rank: Union[int, str], phase: str, delay_s: float = 0.0) -> str:
+        """Make a worker die when it next reaches ``phase`` (see elastic_ep.faults)."""
+        return self._call("arm_worker_fault", rank, phase, delay_s)
+
+    def arm_controller_fault(self, phase: str, delay_s: float = 0.0) -> None:
+        self._call("arm_fault", phase, delay_s)
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> dict:
+        """Wait until no member is dead and no reconfiguration runs; returns the status."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            st = self.status()
+            dead_members = [w for w in st["ranks"].values() if w in st["dead"]]
+            if not dead_members and not st["busy"]:
+                return st
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cluster not healthy after {timeout_s}s: dead members {dead_members}")
+            time.sleep(0.1)
+
+    # -- load statistics -------------------------------------------------------------------
+
+    def report_load(self, load) -> None:
+        """A serving engine's token counts per logical expert: [num_layers, num_experts]."""
+        self._call("report_load", np.asarray(load))
+
+    def run_workload(self, batches: int = 8, tokens_per_batch: int = 4096, seed: int = 0, zipf_s: float = 1.2,
+                     drift: float = 0.15) -> np.ndarray:
+        """Route synthetic skewed, drifting batches; workers count the tokens their slots get.
+
+        Returns the logical load of these batches: [num_layers, num_experts].
+        """
+        from .layout import ExpertLayout
+
+        spec = self.config.model
+        if self._router is None:
+            self._router = SkewedRouter(spec.num_layers, spec.num_experts, zipf_s=zipf_s, drift=drift, seed=seed)
+        layout = ExpertLayout.from_dict(self.status()["layout"])
+        total = np.zeros((spec.num_layers, spec.num_experts))
+        for _ in range(batches):
+            self._router.step()
+            load = self._router.route(tokens_per_batch)
+            total += load
+        self._call("record_slot_tokens", logical_to_slot_counts(layout, total))
+        return total
+
+    # -- handles for tests and drills ------------------------------------------------------
+
+    def worker(self, rank: Union[int, str]):
+        """The actor handle of a rank's worker."""
+        return self._call("worker_handle", rank)
+
+    @property
+    def controller(self):
+        return self._controller

@@ -1,0 +1,82 @@
+"""RebalanceReport: what one reconfiguration changed, moved and cost, phase by phase."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+@dataclass
+class RebalanceReport:
+    """The outcome of one rebalance or recovery (JSON friendly through ``to_dict``).
+
+    phases: seconds per phase (detect, decide, plan, communicators, transfer, verify, commit, replenish).
+    bytes_p2p / bytes_from_backup / bytes_from_checkpoint: where the moved weights came from.
+    """
+
+    reason: str
+    epoch_from: int
+    attempt: int = 1
+    epoch_to: Optional[int] = None
+    noop: bool = False
+    phases: dict[str, float] = field(default_factory=dict)
+    replaced: dict[int, str] = field(default_factory=dict)  # rank -> worker that took it over
+    dropped: list[int] = field(default_factory=list)
+    added: list[int] = field(default_factory=list)
+    plan: dict = field(default_factory=dict)
+    bytes_p2p: int = 0
+    bytes_from_backup: int = 0
+    bytes_from_checkpoint: int = 0
+    slots_verified: int = 0
+    balance: dict[str, float] = field(default_factory=dict)  # mean over layers of max/mean rank load
+    worker_timings: dict[int, dict] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    total_s: float = 0.0
+    since_death_s: Optional[float] = None  # recoveries: from the death being noticed to commit
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["replaced"] = {str(k): v for k, v in self.replaced.items()}
+        d["worker_timings"] = {str(k): v for k, v in self.worker_timings.items()}
+        return d
+
+    @property
+    def critical_path_s(self) -> float:
+        """Seconds from detection to commit (spare replenishment happens after)."""
+        keys = ("detect", "decide", "plan", "communicators", "transfer", "verify", "commit")
+        return sum(self.phases.get(k, 0.0) for k in keys)
+
+
+def format_report(d: dict) -> str:
+    """A short human-readable rendering of a report dict."""
+    ph = d.get("phases", {})
+    parts = [f"{k} {1e3 * v:.0f}ms" for k, v in ph.items()]
+    mb = 1 << 20
+    lines = [
+        f"{d['reason']}: epoch {d['epoch_from']} -> {d.get('epoch_to')}"
+        + (" (nothing to move)" if d.get("noop") else "")
+        + (f", attempt {d['attempt']}" if d.get("attempt", 1) > 1 else ""),
+        "  phases: " + ", ".join(parts),
+        f"  moved: p2p {d['bytes_p2p'] / mb:.1f} MiB, backups {d['bytes_from_backup'] / mb:.1f} MiB, "
+        f"checkpoint {d['bytes_from_checkpoint'] / mb:.1f} MiB; slots verified {d['slots_verified']}",
+    ]
+    plan = d.get("plan") or {}
+    if plan:
+        lines.append(
+            f"  plan: keep {plan.get('keeps')}, copy {plan.get('copies')}, receive {plan.get('transfers')}, "
+            f"fetch {plan.get('fetches')} in {plan.get('stages')} stages"
+        )
+    if d.get("balance"):
+        lines.append("  balance (max/mean rank load): " + ", ".join(f"{k} {v:.3f}" for k, v in d["balance"].items()))
+    if d.get("replaced"):
+        lines.append("  replaced: " + ", ".join(f"rank {r} -> {w}" for r, w in d["replaced"].items()))
+    if d.get("dropped"):
+        lines.append(f"  dropped ranks: {d['dropped']}")
+    if d.get("added"):
+        lines.append(f"  added ranks: {d['added']}")
+    for f in d.get("failures", []):
+        lines.append(f"  retried after: {f}")
+    for n in d.get("notes", []):
+        lines.append(f"  note: {n}")
+    return "\n".join(lines)
