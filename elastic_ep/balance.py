@@ -195,7 +195,6 @@ def _repair_duplicates(slots: np.ndarray, wrep: np.ndarray) -> None:
 
     slots: [B, R, S]; wrep: [B, n] per-replica load, used to pick the swap that moves least load.
     """
-    batch, num_ranks, spr = slots.shape
     srt = np.sort(slots, axis=2)
     hits = np.argwhere(srt[:, :, 1:] == srt[:, :, :-1])
     for b, r, i in hits:
@@ -205,21 +204,13 @@ def _repair_duplicates(slots: np.ndarray, wrep: np.ndarray) -> None:
         if len(where) < 2:
             continue  # already repaired by an earlier swap
         s = int(where[-1])
-        best = None
-        for r2 in range(num_ranks):
-            if r2 == r or (view[r2] == e).any():
-                continue
-            for s2 in range(spr):
-                f = int(view[r2, s2])
-                if (view[r] == f).any():
-                    continue
-                cost = abs(wrep[b, f] - wrep[b, e])
-                if best is None or cost < best[0]:
-                    best = (cost, r2, s2, f)
-        if best is None:
+        # Candidates: a replica f on a rank without e, such that rank r lacks f.
+        ok = ~(view == e).any(axis=1)[:, None] & ~np.isin(view, view[r])
+        if not ok.any():
             raise CapacityError(f"cannot place replicas without duplicating expert {e} on a rank")
-        _, r2, s2, f = best
-        view[r, s], view[r2, s2] = f, e
+        cost = np.where(ok, np.abs(wrep[b][view] - wrep[b, e]), np.inf)
+        r2, s2 = np.unravel_index(int(cost.argmin()), cost.shape)
+        view[r, s], view[r2, s2] = view[r2, s2], e
 
 
 def _slot_loads(slots: np.ndarray, wrep: np.ndarray) -> np.ndarray:
@@ -377,25 +368,33 @@ def solve(
         return pack(weight, cnt, num_ranks, spr)
     wrep = weight / cnt
     # A lower bound on any packing's max rank load: within tolerance of it is within
-    # tolerance of eplb too, so eplb itself is only computed when the bound is missed.
+    # tolerance of eplb too, so eplb itself is only computed where the bound is missed.
     lower = np.maximum(weight.sum(axis=1) / num_ranks, wrep.max(axis=1))
-    target = lower * (1 + tolerance)
     # Step 1: keep every replica that can stay; pack only the rest (new replicas, lost ones).
     slots = pack(weight, cnt, num_ranks, spr, old)
-    # Step 2: swap replicas off the hottest rank until the balance target is met.
-    improve_by_swaps(slots, wrep, target * (1 - 1e-9), max_rounds=4 * num_ranks)
-    slots = _arrange(slots.reshape(len(weight), -1), np.broadcast_to(np.repeat(np.arange(num_ranks), spr), (len(weight), num_ranks * spr)), old, spr)
     got = _slot_loads(slots, wrep).max(axis=1)
-    redo = np.nonzero(got > target)[0]
-    if len(redo):
-        # Step 3: the bound was missed; where eplb itself does better, take its packing
-        # with ranks relabelled to overlap the old layout most (same balance as eplb).
-        ref_slots = pack(weight[redo], cnt[redo], num_ranks, spr)
-        ref = _slot_loads(ref_slots, wrep[redo]).max(axis=1)
-        worse = got[redo] > ref * (1 + tolerance)
-        if worse.any():
-            idx = redo[worse]
-            slots[idx] = relabel_to_old(ref_slots[worse], old[idx])
+    need = np.nonzero(got > lower * (1 + tolerance))[0]
+    if not len(need):
+        return slots
+    # Step 2: where the bound is missed, compare with eplb itself; a placement already
+    # within tolerance of eplb stays as it is (so the same load twice moves nothing).
+    ref_slots = pack(weight[need], cnt[need], num_ranks, spr)
+    ref = _slot_loads(ref_slots, wrep[need]).max(axis=1)
+    accept = ref * (1 + tolerance)
+    todo = got[need] > accept
+    if not todo.any():
+        return slots
+    idx, ref_slots, target = need[todo], ref_slots[todo], accept[todo]
+    # Step 3: swap replicas off the hottest ranks until comfortably within tolerance of eplb.
+    sub = slots[idx]
+    improve_by_swaps(sub, wrep[idx], ref[todo] * (1 + tolerance / 2), max_rounds=4 * num_ranks)
+    ranks_of = np.broadcast_to(np.repeat(np.arange(num_ranks), spr), (len(idx), num_ranks * spr))
+    sub = _arrange(sub.reshape(len(idx), -1), np.ascontiguousarray(ranks_of), old[idx], spr)
+    # Step 4: what swaps could not fix takes eplb's packing, ranks relabelled to the old ones.
+    worse = _slot_loads(sub, wrep[idx]).max(axis=1) > target
+    if worse.any():
+        sub[worse] = relabel_to_old(ref_slots[worse], old[idx][worse])
+    slots[idx] = sub
     return slots
 
 
@@ -496,10 +495,16 @@ class BalancePolicy(ABC):
         groups_per_node = num_groups // num_nodes
         group_load = load.reshape(num_layers, num_groups, group_size).sum(axis=2)
         # Step 1: pack groups onto nodes (each node gets groups_per_node groups).
-        gnode = solve_groups(group_load, num_nodes, groups_per_node)  # [L, G] -> node index
         positions = [np.nonzero(np.asarray(nodes) == n)[0] for n in node_ids]  # rank positions per node
+        old_groups = None
         if self.sticky and old_slots is not None:
-            gnode = _sticky_group_nodes(gnode, old_slots, positions, num_groups, group_size)
+            old_groups = _old_group_nodes(old_slots, positions, num_groups, group_size, groups_per_node)
+        # Groups are packed like experts with one replica each: sticky keeps a group on its node.
+        placed = solve(group_load, old_groups, num_nodes, groups_per_node, self.sticky, tolerance)
+        gnode = np.empty((num_layers, num_groups), dtype=np.int64)
+        np.put_along_axis(
+            gnode, placed.reshape(num_layers, -1), np.repeat(np.arange(num_nodes), groups_per_node)[None, :], axis=1
+        )
         # experts of each node, in group order: [L, N, groups_per_node * group_size]
         order = np.argsort(gnode, axis=1, kind="stable")  # [L, G]
         node_groups = order.reshape(num_layers, num_nodes, groups_per_node)
@@ -538,35 +543,34 @@ class BalancePolicy(ABC):
         return out.reshape(num_layers, -1)
 
 
-def solve_groups(group_load: np.ndarray, num_nodes: int, groups_per_node: int) -> np.ndarray:
-    """Balanced packing of expert groups onto nodes: node index per group [L, G]."""
-    num_layers, num_groups = group_load.shape
-    ones = np.ones_like(group_load, dtype=np.int64)
-    groups, weights, _ = _items(ones, group_load, None)
-    load = np.zeros((num_layers, num_nodes))
-    count = np.zeros((num_layers, num_nodes), dtype=np.int64)
-    has = np.zeros((num_layers, num_groups + 1, num_nodes), dtype=bool)
-    nodes = _lpt(groups, weights, load, count, has, groups_per_node)
-    out = np.empty_like(groups)
-    np.put_along_axis(out, groups, nodes, axis=1)
-    return out
+def _old_group_nodes(old_slots, positions, num_groups, group_size, groups_per_node) -> np.ndarray:
+    """Which groups each node held before: [L, N, groups_per_node] (-1 where none).
 
-
-def _sticky_group_nodes(gnode, old_slots, positions, num_groups, group_size) -> np.ndarray:
-    """Relabel nodes per layer so groups stay on the node that holds most of their replicas."""
-    num_layers = gnode.shape[0]
+    A group belongs to the node holding most of its replicas; a node claiming more than
+    ``groups_per_node`` groups keeps those it holds most replicas of.
+    """
+    num_layers = old_slots.shape[0]
     num_nodes = len(positions)
-    out = np.empty_like(gnode)
-    for layer in range(num_layers):
-        overlap = np.zeros((num_nodes, num_nodes), dtype=np.int64)  # [new node, old node]
-        for k, pos in enumerate(positions):
-            held = old_slots[layer, pos, :].ravel()
-            held = held[held >= 0] // group_size
-            per_group = np.bincount(held, minlength=num_groups)
-            for g in range(num_groups):
-                overlap[gnode[layer, g], k] += per_group[g]
-        perm = _match_positions(overlap)
-        out[layer] = perm[gnode[layer]]
+    count = np.zeros((num_layers, num_groups + 1, num_nodes), dtype=np.int64)
+    for k, pos in enumerate(positions):
+        held = old_slots[:, pos, :].reshape(num_layers, -1)
+        grp = np.where(held >= 0, held // group_size, num_groups)
+        np.add.at(count[:, :, k], (np.repeat(np.arange(num_layers), grp.shape[1]), grp.ravel()), 1)
+    count = count[:, :num_groups]  # [L, G, N]
+    owner = count.argmax(axis=2)  # [L, G]
+    strength = np.take_along_axis(count, owner[:, :, None], axis=2)[:, :, 0]
+    out = np.full((num_layers, num_nodes, groups_per_node), _EMPTY, dtype=np.int64)
+    # Per (layer, node): its claimed groups, strongest first, at most groups_per_node.
+    order = np.lexsort((np.arange(num_groups)[None, :].repeat(num_layers, 0), -strength, owner), axis=1)
+    sorted_owner = np.take_along_axis(owner, order, axis=1)
+    sorted_strength = np.take_along_axis(strength, order, axis=1)
+    first = np.ones_like(sorted_owner, dtype=bool)
+    first[:, 1:] = sorted_owner[:, 1:] != sorted_owner[:, :-1]
+    idx = np.arange(num_groups)[None, :]
+    rank_in_node = idx - np.maximum.accumulate(np.where(first, idx, 0), axis=1)
+    keep = (rank_in_node < groups_per_node) & (sorted_strength > 0)
+    ll, gg = np.nonzero(keep)
+    out[ll, sorted_owner[ll, gg], rank_in_node[ll, gg]] = order[ll, gg]
     return out
 
 

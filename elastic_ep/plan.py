@@ -338,29 +338,29 @@ def _choose_sources(
 
 
 def _assign_stages(transfers: np.ndarray) -> int:
-    """Colour rank pairs so that in each stage a rank talks to at most one peer. In place.
+    """Give every rank pair a stage so that in a stage each rank talks to one peer at most. In place.
 
-    Greedy over pairs by descending volume; returns the number of stages.
+    Round-robin tournament (circle method) over the ranks involved: with n ranks
+    (n even, a dummy added if odd), pair (i, j) of positions below n-1 meets in round
+    (i + j) / 2 mod (n - 1), and pair (i, n - 1) in round i: a proper colouring with
+    n - 1 colours, computed without a loop. Unused rounds are squeezed out.
+    Returns the number of stages.
     """
     if len(transfers) == 0:
         return 0
-    a = np.minimum(transfers[:, SRC], transfers[:, DST])
-    b = np.maximum(transfers[:, SRC], transfers[:, DST])
-    pairs, inverse, counts = np.unique(np.stack([a, b], axis=1), axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.ravel()
-    busy: dict[int, set[int]] = {}
-    stage_of = np.empty(len(pairs), dtype=np.int64)
-    for p in np.lexsort((pairs[:, 1], pairs[:, 0], -counts)):
-        x, y = int(pairs[p, 0]), int(pairs[p, 1])
-        used = busy.get(x, set()) | busy.get(y, set())
-        s = 0
-        while s in used:
-            s += 1
-        stage_of[p] = s
-        busy.setdefault(x, set()).add(s)
-        busy.setdefault(y, set()).add(s)
-    transfers[:, STAGE] = stage_of[inverse]
-    return int(stage_of.max()) + 1
+    ranks, inverse = np.unique(transfers[:, [SRC, DST]], return_inverse=True)
+    pos = inverse.reshape(-1, 2)
+    n = len(ranks) + (len(ranks) % 2)
+    if n <= 2:
+        transfers[:, STAGE] = 0
+        return 1
+    i = np.minimum(pos[:, 0], pos[:, 1])
+    j = np.maximum(pos[:, 0], pos[:, 1])
+    half = n // 2  # the inverse of 2 modulo n - 1
+    rnd = np.where(j == n - 1, i, ((i + j) * half) % (n - 1))
+    used, stage = np.unique(rnd, return_inverse=True)
+    transfers[:, STAGE] = stage.ravel()
+    return int(len(used))
 
 
 def apply_plan(plan: TransferPlan, state: dict[int, np.ndarray], storage: Optional[dict] = None) -> dict[int, np.ndarray]:
