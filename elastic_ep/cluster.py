@@ -57,7 +57,7 @@ class ElasticEPCluster:
             for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
                 if key in os.environ:
                     env[key] = os.environ[key]
-            kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=False)
+            kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=False, namespace="elastic-ep")
             if self.config.address is None:
                 kwargs.update(include_dashboard=False, configure_logging=False)
                 kwargs.setdefault("num_cpus", max(2, os.cpu_count() or 2))
@@ -145,9 +145,13 @@ class ElasticEPCluster:
         """Check every slot's weights against its logical expert's reference fingerprint."""
         return self._call("verify", against_checkpoint)
 
-    def kill(self, rank: Union[int, str]) -> str:
-        """Kill a rank's worker process (a chaos drill); returns the worker id."""
-        return self._call("kill", rank)
+    def kill(self, rank: Union[int, str], allow_restart: bool = False) -> str:
+        """Kill a rank's worker process (a chaos drill); returns the worker id.
+
+        With ``allow_restart`` Ray restarts the actor (if ``max_restarts`` allows) and
+        the controller refills it in place.
+        """
+        return self._call("kill", rank, not allow_restart)
 
     def arm_fault(self, rank: Union[int, str], phase: str, delay_s: float = 0.0) -> str:
         """Make a worker die when it next reaches ``phase`` (see elastic_ep.faults)."""
