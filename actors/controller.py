@@ -102,6 +102,9 @@ class Controller:
         self.next_worker += 1
         cls = worker_actor_class(self.cfg.device)
         opts = dict(name=self._worker_name(wid), lifetime="detached", max_restarts=self.cfg.max_restarts)
+        fractions = self.cfg.gpu_fractions
+        if self.cfg.device == "cuda" and fractions is not None and int(wid[1:]) < len(fractions):
+            opts["num_gpus"] = fractions[int(wid[1:])]
         strategy = self._node_strategy(node_index)
         if strategy is not None:
             opts["scheduling_strategy"] = strategy

@@ -82,6 +82,9 @@ class ClusterConfig:
     auto_recover: bool = True  # the controller heals a dead rank on its own as soon as it notices
     state_dir: Optional[str] = None  # where the controller persists layout/epoch/membership
     name: str = "elastic-ep"  # cluster name (namespaces actors and groups)
+    # GPUs per worker in creation order (ranks, then spares); None: one GPU each. Lets a
+    # hot spare share a GPU with a rank on small machines, e.g. (1.0, 0.5, 0.5).
+    gpu_fractions: Optional[tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
         if self.num_ranks <= 0:
@@ -109,5 +112,7 @@ class ClusterConfig:
         for name in ("call_timeout_s", "transfer_timeout_s", "startup_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.gpu_fractions is not None and any(not 0 < g <= 8 for g in self.gpu_fractions):
+            raise ConfigError(f"gpu_fractions must be in (0, 8], got {self.gpu_fractions}")
         if self.load_window <= 0:
             raise ConfigError(f"load_window must be >= 1, got {self.load_window}")
