@@ -4,7 +4,26 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import ray
+import torch
+
+_BITS = {2: torch.int16, 4: torch.int32}
+_FLOAT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def to_host_array(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's raw bits as a numpy array (bf16 has no numpy dtype)."""
+    return t.contiguous().view(_BITS[t.element_size()]).numpy()
+
+
+def from_host_array(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Inverse of ``to_host_array``, zero-copy (read-only memory stays read-only: copy before writing)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # non-writable buffers from the object store are fine to read
+        return torch.from_numpy(a).view(_FLOAT[dtype])
 
 
 class BackupStore:
@@ -32,7 +51,8 @@ class BackupStore:
         added = 0
         for key, (w13, w2) in exported.items():
             key = (int(key[0]), int(key[1]))
-            self._refs[key] = ray.put((w13, w2))
+            # Stored as raw-bit numpy arrays: readers map them zero-copy from shared memory.
+            self._refs[key] = ray.put((to_host_array(w13), to_host_array(w2)))
             self._sizes[key] = w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
             added += self._sizes[key]
         return added

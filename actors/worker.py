@@ -227,8 +227,12 @@ class ExpertWorker:
         from_backup = [k for k in keys if tuple(k) in backup_refs]
         if from_backup:
             try:
+                from actors.backup import from_host_array
+
                 values = ray.get([backup_refs[tuple(k)] for k in from_backup], timeout=timeout_s)
-                for k, (w13, w2) in zip(from_backup, values):
+                for k, (a13, a2) in zip(from_backup, values):
+                    w13 = from_host_array(a13, self.spec.dtype).to(self.device, non_blocking=True)
+                    w2 = from_host_array(a2, self.spec.dtype).to(self.device, non_blocking=True)
                     out[tuple(k)] = (w13, w2)
                     stats["from_backup"] += w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
