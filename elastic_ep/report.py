@@ -34,6 +34,7 @@ class RebalanceReport:
     notes: list[str] = field(default_factory=list)
     total_s: float = 0.0
     since_death_s: Optional[float] = None  # recoveries: from the death being noticed to commit
+    committed_at: Optional[float] = None  # wall-clock time (time.time()) the new layout became live
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -183,7 +183,7 @@ def _write_safetensors(
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for _, make, shape in tensors:
-            t = make().contiguous()
+            t = make().contiguous().cpu()
             assert tuple(t.shape) == shape and t.dtype == torch_dtype(spec), (t.shape, shape, t.dtype)
             f.write(t.view(torch.uint8).numpy())
             on_bytes(t.numel() * t.element_size())
@@ -197,8 +197,11 @@ def write_synthetic_checkpoint(
     preset: str = "deepseek",
     num_shards: int = 2,
     progress: bool = False,
+    device: str = "cpu",
 ) -> Path:
     """Write an HF-style sharded checkpoint of ``expected_expert`` values; returns the folder.
+
+    ``device="cuda"`` generates the values on the GPU (much faster for tens of GB).
 
     Files: ``model-0000k-of-0000N.safetensors`` (layers split contiguously over
     shards) plus ``model.safetensors.index.json``, or a single ``model.safetensors``
@@ -222,7 +225,7 @@ def write_synthetic_checkpoint(
             for layer in layers:
                 for expert in range(spec.num_experts):
                     for kind, name in enumerate(_expert_names(spec, naming, (layer, expert))):
-                        make = functools.partial(_kind_tensor, spec, layer, expert, kind)
+                        make = functools.partial(_kind_tensor, spec, layer, expert, kind, device)
                         tensors.append((name, make, _kind_shape(spec, kind)))
                         weight_map[name] = file
             _write_safetensors(root / file, tensors, spec, bar.update)
