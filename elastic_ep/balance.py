@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import CapacityError, LoadStatsError
+from .errors import CapacityError, LayoutError, LoadStatsError
 from .layout import ExpertLayout
 
 _EMPTY = -1
@@ -274,10 +274,20 @@ def _match_positions(overlap: np.ndarray) -> np.ndarray:
     return perm
 
 
-def relabel_to_old(slots: np.ndarray, old: np.ndarray) -> np.ndarray:
+def max_rank_load_of(phy2log: np.ndarray, load: np.ndarray, num_ranks: int, spr: int) -> np.ndarray:
+    """Max rank load per layer of a placement phy2log [L, P] under load [L, E]: [L]."""
+    num_layers, num_experts = load.shape
+    cnt = np.zeros((num_layers, num_experts))
+    np.add.at(cnt, (np.repeat(np.arange(num_layers), phy2log.shape[1]), phy2log.ravel()), 1)
+    wrep = load / np.maximum(cnt, 1)
+    return _slot_loads(phy2log.reshape(num_layers, num_ranks, spr), wrep).max(axis=1)
+
+
+def relabel_to_old(slots: np.ndarray, old: np.ndarray, groups: Optional[np.ndarray] = None) -> np.ndarray:
     """Permute the ranks of a packing to overlap the old one most, then keep old slots.
 
-    slots, old: [B, R, S]. Balance is unchanged; only where things sit changes.
+    slots, old: [B, R, S]. groups: [R] optional; ranks are only permuted within a group
+    (a node), so a hierarchical placement stays hierarchical. Balance is unchanged.
     """
     batch, num_ranks, spr = slots.shape
     n = int(max(slots.max(), old.max())) + 2
@@ -287,6 +297,9 @@ def relabel_to_old(slots: np.ndarray, old: np.ndarray) -> np.ndarray:
     np.put_along_axis(old_has, np.where(old >= 0, old, n - 1), 1, axis=2)
     old_has[:, :, n - 1] = 0
     overlap = new_has @ old_has.transpose(0, 2, 1)  # [B, new R, old R]
+    if groups is not None:
+        same = groups[:, None] == groups[None, :]
+        overlap = np.where(same[None], overlap + 1, -1)  # never match across groups
     moved = np.empty_like(slots)
     for b in range(batch):
         moved[b, _match_positions(overlap[b])] = slots[b]
@@ -441,11 +454,11 @@ class BalancePolicy(ABC):
         if not ranks:
             raise CapacityError("no live ranks to place experts on")
         if len(set(ranks)) != len(ranks):
-            raise CapacityError(f"rank ids must be unique, got {list(ranks)}")
+            raise LayoutError(f"rank ids must be unique, got {list(ranks)}")
         if len(req.rank_nodes) != len(ranks):
-            raise CapacityError(f"{len(req.rank_nodes)} node ids for {len(ranks)} ranks")
+            raise LayoutError(f"{len(req.rank_nodes)} node ids for {len(ranks)} ranks")
         if spr <= 0:
-            raise CapacityError(f"slots_per_rank must be >= 1, got {spr}")
+            raise LayoutError(f"slots_per_rank must be >= 1, got {spr}")
         num_slots = len(ranks) * spr
         if num_slots < num_experts:
             raise CapacityError(
@@ -464,7 +477,38 @@ class BalancePolicy(ABC):
             phy2log = slots.reshape(num_layers, -1)
         else:
             phy2log = self._place_hierarchical(load, old_slots, nodes, req.num_groups, spr, req.tolerance)
+            if self.sticky and old_slots is not None:
+                phy2log = self._within_tolerance(load, phy2log, old_slots, nodes, req, spr)
         return ExpertLayout(phy2log, spr, num_experts, ranks, nodes)
+
+    def _within_tolerance(self, load, phy2log, old_slots, nodes, req, spr) -> np.ndarray:
+        """Per layer, keep the sticky hierarchical placement only if its max rank load is within
+        tolerance of eplb's; otherwise take eplb's, ranks relabelled to the old layout (within nodes)."""
+        num_layers, num_experts = load.shape
+        num_ranks = len(nodes)
+
+        def max_rank_load(p2l: np.ndarray) -> np.ndarray:
+            cnt = np.zeros((num_layers, num_experts))
+            np.add.at(cnt, (np.repeat(np.arange(num_layers), p2l.shape[1]), p2l.ravel()), 1)
+            wrep = load / np.maximum(cnt, 1)
+            return _slot_loads(p2l.reshape(num_layers, num_ranks, spr), wrep).max(axis=1)
+
+        got = max_rank_load(phy2log)
+        lower = load.sum(axis=1) / num_ranks
+        check = np.nonzero(got > lower * (1 + req.tolerance))[0]
+        if not len(check):
+            return phy2log
+        ref = EplbPolicy()._place_hierarchical(load[check], None, nodes, req.num_groups, spr, req.tolerance)
+        sub = phy2log[check]
+        worse = got[check] > max_rank_load_of(ref, load[check], num_ranks, spr) * (1 + req.tolerance)
+        if worse.any():
+            fixed = relabel_to_old(
+                ref[worse].reshape(-1, num_ranks, spr), old_slots[check][worse], groups=np.asarray(nodes)
+            )
+            sub[worse] = fixed.reshape(int(worse.sum()), -1)
+            phy2log = phy2log.copy()
+            phy2log[check] = sub
+        return phy2log
 
     @staticmethod
     def _old_slots(req, ranks, num_layers, spr, num_experts) -> Optional[np.ndarray]:
@@ -473,7 +517,7 @@ class BalancePolicy(ABC):
             return None
         old = req.old
         if old.num_layers != num_layers or old.num_experts != num_experts:
-            raise CapacityError(
+            raise LayoutError(
                 f"old layout is {old.num_layers} layers x {old.num_experts} experts, "
                 f"load is {num_layers} x {num_experts}"
             )
@@ -578,7 +622,7 @@ def _hierarchy(nodes: Sequence[int], num_groups: int, num_experts: int, spr: int
     """Whether hierarchical placement applies: equal ranks per node and groups dividing over nodes."""
     node_ids = sorted(set(nodes))
     num_nodes = len(node_ids)
-    if num_nodes <= 1 or num_groups <= 1 or num_groups % num_nodes:
+    if num_nodes <= 1 or num_groups <= 1 or num_groups % num_nodes or num_experts % num_groups:
         return None
     sizes = {sum(1 for n in nodes if n == k) for k in node_ids}
     if len(sizes) != 1:

@@ -303,37 +303,36 @@ def _choose_sources(
     expert_bytes: int,
     layers: np.ndarray,
     experts: np.ndarray,
-    chunk: Optional[int] = None,
 ) -> np.ndarray:
     """Pick a holder per receive: same node first, then the least bytes sent so far.
 
     held: [N, R_old] which old rank positions hold each needed expert. Returns [N].
-    Receives with a single holder are assigned first; the rest go in chunks of
-    ``chunk`` receives, each chunk seeing the bytes the earlier chunks assigned.
+    Receives with a single holder are forced; the others are assigned greedily one by
+    one (fewest holders first, then layer, expert), each seeing every earlier choice.
     """
     num, num_src = held.shape
     out = np.empty(num, dtype=np.int64)
     if num == 0:
         return out
-    sent = np.zeros(num_src, dtype=np.float64)
-    single = held.sum(axis=1) == 1
+    sent = np.zeros(num_src, dtype=np.int64)
+    nholders = held.sum(axis=1)
+    single = nholders == 1
     out[single] = held[single].argmax(axis=1)
-    np.add.at(sent, out[single], expert_bytes)
+    np.add.at(sent, out[single], 1)
     multi = np.nonzero(~single)[0]
     if len(multi) == 0:
         return out
-    # Deterministic order: fewest holders first, then layer, expert.
-    order = multi[np.lexsort((experts[multi], layers[multi], held[multi].sum(axis=1)))]
-    remote = (src_nodes[None, :] != dst_node[order][:, None]).astype(np.float64)
-    step = chunk or max(1, num_src)
-    big = float(expert_bytes) * (num + 1)
-    for start in range(0, len(order), step):
-        idx = order[start : start + step]
-        h = held[idx]
-        score = np.where(h, remote[start : start + step] * big + sent[None, :], np.inf)
-        pick = score.argmin(axis=1)
+    order = multi[np.lexsort((experts[multi], layers[multi], nholders[multi]))]
+    remote = src_nodes[None, :] != dst_node[order][:, None]
+    cands = [np.nonzero(row)[0] for row in held[order]]
+    sent_list = sent.tolist()
+    for i, idx in enumerate(order.tolist()):
+        c = cands[i]
+        far = remote[i, c]
+        best = min(range(len(c)), key=lambda k: (bool(far[k]), sent_list[c[k]], int(c[k])))
+        pick = int(c[best])
         out[idx] = pick
-        np.add.at(sent, pick, expert_bytes)
+        sent_list[pick] += 1
     return out
 
 
@@ -374,8 +373,8 @@ def apply_plan(plan: TransferPlan, state: dict[int, np.ndarray], storage: Option
     out = {r: np.full((new.num_layers, new.slots_per_rank), -1, dtype=np.int64) for r in new.ranks}
     for r in new.ranks:
         if r in plan.live_ranks:
-            cols = plan._cols(r)
-            out[r][plan.keeps[:, cols]] = state[r][plan.keeps[:, cols]]
+            layers, slots = np.nonzero(plan.keeps[:, plan._cols(r)])
+            out[r][layers, slots] = state[r][layers, slots]
     for layer, expert, src, src_slot, dst, dst_slot, _ in plan.transfers:
         if src not in plan.live_ranks:
             raise AssertionError(f"plan sends from dead rank {src}")
