@@ -19,6 +19,7 @@ from elastic_ep.balance import rebalance_experts
 from elastic_ep.config import ClusterConfig, ModelSpec
 from elastic_ep.errors import (
     CapacityError,
+    CheckpointError,
     ElasticEPError,
     ExpertsLostError,
     TransferError,
@@ -35,6 +36,7 @@ from elastic_ep.workload import LoadWindow, check_counts, slot_counts_to_logical
 log = logging.getLogger("elastic_ep.controller")
 
 MAX_ATTEMPTS = 4  # re-plans after failures within one rebalance before giving up
+STATE_VERSION = 2  # controller_state.json: 2 adds pending_commit, backup store names, node pins
 
 
 def _now() -> float:
@@ -48,6 +50,14 @@ class Controller:
     ``state_dir`` after every commit and read back when the actor restarts, so a
     controller restart resumes where it left off; workers and backup stores are
     detached named actors that outlive it.
+
+    Commit protocol (what makes a reconfiguration atomic across a controller crash):
+    every participant stages and every staged slot is verified; then the new layout,
+    epoch and membership are written to the state file with ``pending_commit`` set
+    (the decision); then the workers commit. A controller that restarts before the
+    decision finds the old layout and discards the staging (roll back); one that
+    restarts after it finds the new layout and commits the staging (roll forward).
+    Either way exactly one layout is in force and every slot of it verifies.
     """
 
     def __init__(self, cfg: ClusterConfig, state_dir: str, namespace_prefix: str):
@@ -70,14 +80,22 @@ class Controller:
         self.rank_nodes: dict[int, int] = {}  # rank id -> logical node
         self.dead: set[str] = set()
         self.handles: dict[str, ray.actor.ActorHandle] = {}
-        self.group: Optional[str] = None
-        self.group_members: list[str] = []
+        self.groups: dict[str, list[str]] = {}  # group name -> worker ids in group-rank order
+        self.device_of: dict[str, str] = {}  # worker id -> "node:gpus" (two members of one NCCL group never share a GPU)
         self.next_worker = 0
         self.ref_fp: Optional[np.ndarray] = None  # [L, E] fingerprint of each logical expert
         self.window = LoadWindow(self.spec.num_layers, self.spec.num_experts, cfg.load_window)
         self.backup_stores: list = []
+        self.backup_names: list[str] = []  # actor name of each logical node's backup store
+        self.next_store = 0  # backup stores started so far (names are never reused)
         self.backup_of: dict[tuple[int, int], int] = {}  # (layer, expert) -> store index
-        self.lost: list[tuple[int, int]] = []
+        self.node_ids: dict[int, str] = {}  # logical node -> the Ray node it is pinned to
+        self.lost: list[tuple[int, int]] = []  # experts known to have no copy left anywhere
+        self.last_error: Optional[str] = None  # why the last reconfiguration could not be done
+        self.pending_commit: Optional[dict] = None  # {"epoch", "retired"} between decision and commit
+        self._group_ok = True  # False once an attempt failed: the current groups may be broken
+        self._blocked: Optional[frozenset] = None  # dead set for which recovery proved impossible
+        self._replenish_due = False  # spares to restore (after a controller restart)
         self.history: list[dict] = []
         self.restarts = 0
         self._stop = threading.Event()
@@ -118,13 +136,24 @@ class Controller:
         return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
 
     def _node_strategy(self, node_index: int):
-        """Pin logical node i to the i-th alive Ray node when the cluster has several."""
+        """Pin logical node i to one alive Ray node (soft) when the cluster has several.
+
+        The first time, logical node i gets the i-th alive Ray node; the pin then stays,
+        so when a Ray node dies only its own logical node moves (to an alive node no other
+        logical node uses, if there is one) and the others keep their machines.
+        """
         nodes = self._ray_nodes()
         if len(nodes) <= 1:
             return None
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        return NodeAffinitySchedulingStrategy(nodes[node_index % len(nodes)], soft=True)
+        node = self.node_ids.get(node_index)
+        if node not in nodes:
+            used = {n for i, n in self.node_ids.items() if i != node_index and n in nodes}
+            free = [n for n in nodes if n not in used]
+            node = free[0] if free and node_index in self.node_ids else nodes[node_index % len(nodes)]
+            self.node_ids[node_index] = node
+        return NodeAffinitySchedulingStrategy(node, soft=True)
 
     def start(self) -> dict:
         """Start workers, spares and backup stores; load the first layout from the checkpoint."""
@@ -133,6 +162,7 @@ class Controller:
                 return self.status()
             t0 = _now()
             cfg = self.cfg
+            self._check_checkpoint()
             per_node = cfg.num_ranks // cfg.num_nodes
             ranks = list(range(cfg.num_ranks))
             for r in ranks:
@@ -170,6 +200,14 @@ class Controller:
                 "group_s": group_s,
                 "checkpoint_bytes": int(sum(rep["bytes_read"] for rep in reports.values())),
             }
+
+    def _check_checkpoint(self) -> None:
+        """Fail before starting any worker if the checkpoint cannot name every expert (reads no data)."""
+        from elastic_ep.storage import CheckpointReader
+
+        if self.cfg.checkpoint is None:
+            raise CheckpointError("ClusterConfig.checkpoint is None: the first weights are loaded from a checkpoint")
+        CheckpointReader(self.cfg.checkpoint, self.spec, self.cfg.preset).validate()
 
     def _wait_started(self, wids: list[str]) -> None:
         refs = {wid: self.handles[wid].ping.remote() for wid in wids}
@@ -210,7 +248,13 @@ class Controller:
             "ref_fp": self.ref_fp.tolist() if self.ref_fp is not None else None,
             "backup_of": [[l, e, s] for (l, e), s in self.backup_of.items()],
             "num_backup_stores": len(self.backup_stores),
-            "lost": self.lost,
+            "backup_names": self.backup_names,
+            "next_store": self.next_store,
+            "node_ids": {str(i): n for i, n in self.node_ids.items()},
+            "pending_commit": self.pending_commit,
+            "version": STATE_VERSION,
+            "lost": [list(k) for k in self.lost],
+            "last_error": self.last_error,
             "history": self.history[-50:],
             "restarts": self.restarts,
         }
@@ -220,7 +264,12 @@ class Controller:
         os.replace(tmp, self.state_path)
 
     def _resume(self) -> None:
-        """Rebuild state after a controller restart; reattach to detached workers by name."""
+        """Rebuild state after a controller restart; reattach to detached workers by name.
+
+        Never raises for a dead worker or a failed group (an exception in ``__init__``
+        would end the actor for good): what cannot be reattached is marked dead, and the
+        monitor heals it. A decided reconfiguration is rolled forward, an undecided one back.
+        """
         state = json.loads(self.state_path.read_text())
         self.layout = ExpertLayout.from_dict(state["layout"]) if state["layout"] else None
         self.epoch = int(state["epoch"])
@@ -232,29 +281,51 @@ class Controller:
         self.next_worker = int(state["next_worker"])
         self.ref_fp = np.asarray(state["ref_fp"], dtype=np.int64) if state["ref_fp"] is not None else None
         self.backup_of = {(int(l), int(e)): int(s) for l, e, s in state["backup_of"]}
+        self.node_ids = {int(i): n for i, n in state.get("node_ids", {}).items()}
+        self.pending_commit = state.get("pending_commit")
         self.lost = [tuple(x) for x in state["lost"]]
+        self.last_error = state.get("last_error")
         self.history = state["history"]
         self.restarts = int(state.get("restarts", 0)) + 1
-        for wid in list(self.members.values()) + self.spares:
+        for wid in list(self.members.values()) + self.spares + list((self.pending_commit or {}).get("retired", [])):
             try:
                 self.handles[wid] = ray.get_actor(self._worker_name(wid))
             except ValueError:
                 self.dead.add(wid)
-        self.backup_stores = []
-        for i in range(int(state["num_backup_stores"])):
+        names = state.get("backup_names") or [
+            f"{self.prefix}-backup{i}" for i in range(int(state["num_backup_stores"]))
+        ]
+        self.next_store = int(state.get("next_store", len(names)))
+        self.backup_names, self.backup_stores = list(names), []
+        for name in names:
             try:
-                self.backup_stores.append(ray.get_actor(f"{self.prefix}-backup{i}"))
+                self.backup_stores.append(ray.get_actor(name) if name else None)
             except ValueError:
                 self.backup_stores.append(None)
-        # A rebalance the old controller left uncommitted is dropped: live weights never changed.
-        alive = [w for w in self.handles if w not in self.dead]
-        for wid in alive:
-            try:
-                ray.get(self.handles[wid].discard.remote(self.epoch + 1), timeout=self.cfg.call_timeout_s)
-            except RayError:
-                self.dead.add(wid)
+        alive = {w: h for w, h in self.handles.items() if w not in self.dead}
+        if self.pending_commit is not None:
+            # The decision was written: the new layout is in force. Workers that staged it
+            # commit now (a second commit of one epoch is a no-op); one that cannot is dead.
+            epoch = int(self.pending_commit["epoch"])
+            refs = {r: alive[w].commit.remote(epoch, r) for r, w in self.members.items() if w in alive}
+            self._get_all(refs, self.cfg.call_timeout_s, "commit (resume)", tolerate_dead=True,
+                          wids=dict(self.members))
+            retired = [w for w in self.pending_commit.get("retired", []) if w in alive]
+            done = self._get_all({w: alive[w].retire.remote() for w in retired}, self.cfg.call_timeout_s,
+                                 "retire (resume)", tolerate_dead=True)
+            self.spares += [w for w in retired if w in done and w not in self.spares]
+            self.pending_commit = None
+        else:
+            # A reconfiguration the old controller left undecided is dropped: live weights never changed.
+            refs = {w: h.discard.remote(self.epoch + 1) for w, h in alive.items()}
+            self._get_all(refs, self.cfg.call_timeout_s, "discard (resume)", tolerate_dead=True)
+        self._replenish_due = len([w for w in self.spares if w not in self.dead]) < self.cfg.num_spares
         if self.layout is not None:
-            self._form_group()
+            try:
+                self._form_group()
+            except (ElasticEPError, RayError) as exc:
+                log.warning("communicators not re-formed on resume: %s", exc)
+                self._group_ok = False
             self._save()
             self._start_monitor()
 
@@ -287,9 +358,15 @@ class Controller:
                     ray.get(ref, timeout=0)
                 except RayError:
                     self._mark_dead(wid)
-            if self.cfg.auto_recover and not self._busy.is_set() and self._needs_recovery():
+            if (self.cfg.auto_recover and not self._busy.is_set() and self._needs_recovery()
+                    and not self._is_blocked()):
                 self._busy.set()  # claimed here so that one death starts one recovery thread
                 threading.Thread(target=self._auto_recover, daemon=True).start()
+
+    def _is_blocked(self) -> bool:
+        """True while recovery was proven impossible (CapacityError, ExpertsLostError) and no worker died since."""
+        with self._state_lock:
+            return self._blocked is not None and self._blocked == frozenset(self.dead)
 
     def _auto_recover(self) -> None:
         try:
@@ -308,7 +385,11 @@ class Controller:
 
     def _needs_recovery(self) -> bool:
         with self._state_lock:
-            return any(w in self.dead for w in self.members.values()) or any(w in self.dead for w in self.spares)
+            return (
+                any(w in self.dead for w in self.members.values())
+                or any(w in self.dead for w in self.spares)
+                or self._replenish_due
+            )
 
     def _probe(self) -> set[str]:
         """Ping every worker (bounded) and return the dead.
@@ -359,7 +440,9 @@ class Controller:
                 "ranks": {r: w for r, w in sorted(self.members.items())},
                 "spares": list(self.spares),
                 "dead": sorted(self.dead),
-                "lost": list(self.lost),
+                "lost": [tuple(k) for k in self.lost],
+                "unserved": self._unserved(layout),
+                "last_error": self.last_error,
                 "rank_nodes": dict(self.rank_nodes),
                 "layout": layout.to_dict() if layout is not None else None,
                 "restarts": self.restarts,
@@ -371,9 +454,32 @@ class Controller:
     def arm_fault(self, phase: str, delay_s: float = 0.0) -> None:
         self.faults.arm(phase, delay_s)
 
+    def _unserved(self, layout: Optional[ExpertLayout]) -> list[tuple[int, int]]:
+        """(layer, expert) pairs with no replica on a live member right now."""
+        if layout is None:
+            return []
+        live = np.array([r in self.members and self.members[r] not in self.dead for r in layout.ranks], dtype=bool)
+        held = layout.rank_view()[:, live, :].reshape(layout.num_layers, -1)
+        covered = np.zeros((layout.num_layers, layout.num_experts), dtype=bool)
+        covered[np.repeat(np.arange(layout.num_layers), held.shape[1]), held.ravel()] = True
+        return [(int(l), int(e)) for l, e in np.argwhere(~covered)]
+
     def arm_worker_fault(self, rank_or_wid, phase: str, delay_s: float = 0.0) -> str:
+        """Arm a worker to die at ``phase``. ``idle`` with no delay kills it now; this returns once it is dead."""
         wid = self._resolve(rank_or_wid)
-        ray.get(self.handles[wid].arm_fault.remote(phase, delay_s), timeout=self.cfg.call_timeout_s)
+        handle = self.handles[wid]
+        now = phase == "idle" and delay_s <= 0
+        gone = handle.watch.remote() if now else None  # fails once this incarnation is gone
+        try:
+            ray.get(handle.arm_fault.remote(phase, delay_s), timeout=self.cfg.call_timeout_s)
+        except RayActorError:
+            if not now:
+                raise
+        if now:
+            ready, _ = ray.wait([gone], timeout=self.cfg.call_timeout_s)
+            if not ready:
+                raise TransferError(f"worker {wid} armed to die at once still lives after {self.cfg.call_timeout_s}s")
+            self._mark_dead(wid)
         return wid
 
     def _resolve(self, rank_or_wid) -> str:
@@ -381,6 +487,8 @@ class Controller:
             if rank_or_wid not in self.handles:
                 raise UnknownRankError(f"no worker {rank_or_wid!r}; workers: {sorted(self.handles)}")
             return rank_or_wid
+        if isinstance(rank_or_wid, bool) or not isinstance(rank_or_wid, (int, np.integer)):
+            raise UnknownRankError(f"a rank is an int id (or a worker id str), got {rank_or_wid!r}")
         rank = int(rank_or_wid)
         if rank not in self.members:
             raise UnknownRankError(f"no rank {rank}; ranks: {sorted(self.members)}")
@@ -393,6 +501,17 @@ class Controller:
         """Kill a worker (chaos drills); returns its worker id."""
         wid = self._resolve(rank_or_wid)
         ray.kill(self.handles[wid], no_restart=no_restart)
+        if no_restart:
+            # ray.kill is asynchronous: return once the worker is gone and marked dead, so a
+            # caller's next status() already shows the death (or the recovery it started).
+            deadline = _now() + self.cfg.call_timeout_s
+            while _now() < deadline:
+                try:
+                    ray.get(self.handles[wid].ping.remote(), timeout=max(0.01, deadline - _now()))
+                    time.sleep(0.005)
+                except (RayError, GetTimeoutError):
+                    break
+            self._mark_dead(wid)
         return wid
 
     def report_load(self, load) -> None:
@@ -429,25 +548,42 @@ class Controller:
             self.window.add(total)
         return self.window.total()
 
-    def rebalance(self) -> dict:
-        """Re-place experts by the recorded load (and heal any dead rank on the way)."""
-        self.collect_load()
-        return self._reconfigure("rebalance")
+    def rebalance(self, load=None) -> dict:
+        """Re-place experts by ``load`` [num_layers, num_experts] or the recorded window (healing dead ranks too).
+
+        Reconfigurations run one at a time: a second call waits for the first to
+        finish, then collects the load and plans from the layout the first committed.
+        """
+        if load is not None:
+            load = check_counts(load, (self.spec.num_layers, self.spec.num_experts), "load")
+        with self._lock:
+            if load is None:
+                self.collect_load()
+            return self._reconfigure("rebalance", load=load)
 
     def recover(self) -> dict:
         """Replace or drop dead ranks (spares first, then shrink) and restore every slot."""
         return self._reconfigure("recover")
 
     def grow(self, num_ranks: int = 1) -> dict:
-        if num_ranks <= 0:
-            raise ValueError(f"grow needs num_ranks >= 1, got {num_ranks}")
+        if isinstance(num_ranks, bool) or not isinstance(num_ranks, (int, np.integer)) or num_ranks <= 0:
+            raise ValueError(f"grow needs num_ranks >= 1, got {num_ranks!r}")
         return self._reconfigure("grow", add=num_ranks)
 
     def shrink(self, ranks: list[int]) -> dict:
         for r in ranks:
-            if int(r) not in self.members:
-                raise UnknownRankError(f"no rank {r}; ranks: {sorted(self.members)}")
-        return self._reconfigure("shrink", remove=[int(r) for r in ranks])
+            if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or int(r) not in self.members:
+                raise UnknownRankError(f"no rank {r!r}; ranks: {sorted(self.members)}")
+        remove = sorted({int(r) for r in ranks})
+        if not remove:
+            raise ValueError("shrink needs at least one rank")
+        left = len(self.members) - len(remove)
+        if left * self.cfg.slots_per_rank < self.spec.num_experts:
+            raise CapacityError(
+                f"shrinking ranks {remove} would leave {left} ranks x {self.cfg.slots_per_rank} slots = "
+                f"{left * self.cfg.slots_per_rank} slots for {self.spec.num_experts} logical experts"
+            )
+        return self._reconfigure("shrink", remove=remove)
 
     def verify(self, against_checkpoint: bool = False) -> dict:
         """Fingerprint every live slot and compare with the reference (or a fresh read of the checkpoint)."""
@@ -506,15 +642,27 @@ class Controller:
         from actors.backup import BackupStore
 
         while len(self.backup_stores) <= node:
-            i = len(self.backup_stores)
-            opts = dict(name=f"{self.prefix}-backup{i}", lifetime="detached", num_cpus=0)
-            strategy = self._node_strategy(i)
+            self.backup_stores.append(None)
+            self.backup_names.append("")
+        if self.backup_stores[node] is None:  # first use, or its store died (with its node): a new one
+            name = f"{self.prefix}-backup{node}-{self.next_store}"
+            self.next_store += 1
+            opts = dict(name=name, lifetime="detached", num_cpus=0)
+            strategy = self._node_strategy(node)
             if strategy is not None:
                 opts["scheduling_strategy"] = strategy
-            self.backup_stores.append(ray.remote(BackupStore).options(**opts).remote(i))
-        if self.backup_stores[node] is None:
-            raise TransferError(f"backup store {node} is gone")
+            self.backup_stores[node] = ray.remote(BackupStore).options(**opts).remote(node)
+            self.backup_names[node] = name
         return self.backup_stores[node]
+
+    def _drop_dead_stores(self) -> None:
+        """Forget backup stores that do not answer (their objects died with them), and what they held."""
+        refs = {s: h.ping.remote() for s, h in enumerate(self.backup_stores) if h is not None}
+        got = self._get_all(refs, self.cfg.call_timeout_s, "backup ping", tolerate_dead=True)
+        for s in set(refs) - set(got):
+            self.backup_stores[s] = None
+            for k in [k for k, v in self.backup_of.items() if v == s]:
+                del self.backup_of[k]
 
     def _make_backups(self, keys: Optional[list[tuple[int, int]]] = None) -> int:
         """One host copy of each expert, on a logical node other than the one its source rank is on."""
@@ -558,77 +706,145 @@ class Controller:
         for s, ks in by_store.items():
             try:
                 out.update(ray.get(self.backup_stores[s].refs.remote(ks), timeout=self.cfg.call_timeout_s))
-            except RayError:
+            except (RayError, GetTimeoutError):
                 self.backup_stores[s] = None
                 for k in list(self.backup_of):
                     if self.backup_of[k] == s:
                         del self.backup_of[k]
         return out
 
-    def _form_group(self) -> float:
-        """A fresh collective group over every live worker (ranks and spares)."""
+    def _device_key(self, wid: str) -> str:
+        if wid not in self.device_of:
+            info = ray.get(self.handles[wid].ping.remote(), timeout=self.cfg.call_timeout_s)
+            gpus = ",".join(info.get("gpus") or [])
+            self.device_of[wid] = f"{info['node_id']}:{gpus}" if gpus and self.cfg.device == "cuda" else wid
+        return self.device_of[wid]
+
+    def _group_sets(self) -> list[list[str]]:
+        """Member sets for this generation's groups: no two members of a set share a GPU.
+
+        The main set holds every rank (and spares on GPUs of their own); each spare that
+        shares a GPU with a rank gets a set of its own: the main set minus that rank, plus
+        the spare, so that when the rank dies the spare's communicators already exist.
+        """
+        live = lambda ws: [w for w in ws if w not in self.dead]  # noqa: E731
+        members, spares = live(sorted(self.members.values())), live(self.spares)
+        main, used = list(members), {self._device_key(w) for w in members}
+        shared = []
+        for s in spares:
+            key = self._device_key(s)
+            if key in used:
+                shared.append(s)
+            else:
+                main.append(s)
+                used.add(key)
+        sets = [sorted(main)]
+        for s in shared:
+            key = self._device_key(s)
+            sets.append(sorted([w for w in main if self._device_key(w) != key] + [s]))
+        return sets
+
+    def _form_group(self, exactly: Optional[list[str]] = None) -> float:
+        """Fresh collective groups for this generation (see _group_sets), or one group of ``exactly`` these workers."""
         from elastic_ep.transport import group_name_for
 
         t0 = _now()
-        wids = sorted(w for w in list(self.members.values()) + self.spares if w not in self.dead)
         self.generation += 1
-        name = group_name_for(self.prefix, self.generation)
+        base = group_name_for(self.prefix, self.generation)
+        sets = [sorted(exactly)] if exactly is not None else self._group_sets()
         host, port = self.store.address
-        refs = {
-            w: self.handles[w].form_group.remote(name, len(wids), i, host, port, self.cfg.transfer_timeout_s)
-            for i, w in enumerate(wids)
-        }
-        got = self._get_all(refs, self.cfg.transfer_timeout_s + self.cfg.call_timeout_s, "form_group",
-                            tolerate_dead=True)
-        if set(got) != set(wids):
-            raise TransferError(f"workers {sorted(set(wids) - set(got))} did not join group {name}")
-        old = self.group
-        self.group, self.group_members = name, wids
-        if old is not None:
-            for w in wids:
-                self.handles[w].leave_groups.remote(keep=[name])
+        formed: dict[str, list[str]] = {}
+        for k, wids in enumerate(sets):
+            if len(wids) < 2 and exactly is None:
+                continue
+            name = f"{base}-{k}"
+            refs = {
+                w: self.handles[w].form_group.remote(name, len(wids), i, host, port, self.cfg.transfer_timeout_s)
+                for i, w in enumerate(wids)
+            }
+            self._get_all(refs, self.cfg.transfer_timeout_s + self.cfg.call_timeout_s, f"form_group {name}")
+            formed[name] = wids
+        if exactly is None:
+            keep = list(formed)
+            for w in {w for ws in formed.values() for w in ws}:
+                self.handles[w].leave_groups.remote(keep=keep)
+            self.groups = formed
+        else:
+            self.groups.update(formed)
         return _now() - t0
+
+    def _group_for(self, wids: set[str]) -> Optional[str]:
+        """A formed group holding every worker in ``wids``, if any."""
+        for name, members in self.groups.items():
+            if wids <= set(members):
+                return name
+        return None
 
     # ------------------------------------------------------------------------------------
     # the reconfiguration loop
     # ------------------------------------------------------------------------------------
 
-    def _reconfigure(self, reason: str, add: int = 0, remove: Optional[list[int]] = None) -> dict:
+    def _reconfigure(self, reason: str, add: int = 0, remove: Optional[list[int]] = None,
+                     load: Optional[np.ndarray] = None) -> dict:
         with self._lock:
             self._busy.set()
             try:
-                return self._reconfigure_locked(reason, add, remove)
+                return self._reconfigure_locked(reason, add, remove, load)
             finally:
                 self._busy.clear()
 
-    def _reconfigure_locked(self, reason: str, add: int, remove: Optional[list[int]]) -> dict:
-        if True:
-            t_start = _now()
-            death_time = self._death_time
-            failures: list[str] = []
-            for attempt in range(1, MAX_ATTEMPTS + 1):
-                try:
-                    report = self._attempt(reason, add, remove or [], attempt, failures)
-                except (TransferError, RayError, GetTimeoutError) as exc:
-                    failures.append(f"attempt {attempt}: {type(exc).__name__}: {exc}")
-                    log.warning("reconfiguration attempt %d failed: %s", attempt, exc)
-                    self._discard_all()
-                    continue
-                report.failures = failures
-                report.total_s = _now() - t_start
-                if death_time is not None and reason == "recover":
-                    report.since_death_s = time.time() - death_time
-                self._death_time = None
-                self.history.append(report.to_dict())
+    def _reconfigure_locked(self, reason: str, add: int, remove: Optional[list[int]],
+                            load: Optional[np.ndarray] = None) -> dict:
+        """Attempts until one commits. Transient failures (a death, a timeout) re-plan; typed ones end it.
+
+        A typed failure (CapacityError, ExpertsLostError, CheckpointError, ...) cannot be
+        fixed by trying again: the previous layout stays in force, the error is recorded
+        in ``status()["last_error"]`` and raised, and automatic recovery pauses until
+        another worker dies or a caller asks again.
+        """
+        t_start, started_at = _now(), time.time()
+        death_time = self._death_time
+        failures: list[str] = []
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                report = self._attempt(reason, add, remove or [], attempt, failures, load)
+            except (TransferError, RayError, GetTimeoutError) as exc:
+                failures.append(f"attempt {attempt}: {type(exc).__name__}: {exc}")
+                log.warning("reconfiguration attempt %d failed: %s", attempt, exc)
+                self._group_ok = False  # an exchange may have failed: its groups are broken
+                self._discard_all()
+                continue
+            except ElasticEPError as exc:
+                self._discard_all()
+                with self._state_lock:
+                    self.last_error = f"{reason}: {type(exc).__name__}: {exc}"
+                    self._blocked = frozenset(self.dead)
                 self._save()
-                return report.to_dict()
-            raise TransferError(f"{reason} failed after {MAX_ATTEMPTS} attempts: " + "; ".join(failures))
+                raise
+            with self._state_lock:
+                self.last_error = None
+                self._blocked = None
+                self._replenish_due = False
+            report.failures = failures
+            report.total_s = _now() - t_start
+            if death_time is not None and reason == "recover":
+                report.since_death_s = time.time() - death_time
+            self._death_time = None
+            out = report.to_dict()
+            out.update(started_at=started_at, finished_at=time.time())
+            self.history.append(out)
+            self._save()
+            return out
+        with self._state_lock:
+            self.last_error = f"{reason} failed after {MAX_ATTEMPTS} attempts: {failures[-1] if failures else ''}"
+        raise TransferError(f"{reason} failed after {MAX_ATTEMPTS} attempts: " + "; ".join(failures))
 
     def _discard_all(self) -> None:
         refs = {w: self.handles[w].discard.remote(self.epoch + 1) for w in self.handles if w not in self.dead}
         self._get_all(refs, self.cfg.call_timeout_s, "discard", tolerate_dead=True)
 
-    def _attempt(self, reason: str, add: int, remove: list[int], attempt: int, failures: list) -> RebalanceReport:
+    def _attempt(self, reason: str, add: int, remove: list[int], attempt: int, failures: list,
+                 load_override: Optional[np.ndarray] = None) -> RebalanceReport:
         rep = RebalanceReport(reason=reason, epoch_from=self.epoch, attempt=attempt)
         cfg = self.cfg
         # Phase: detect
@@ -641,6 +857,7 @@ class Controller:
         t0 = _now()
         old = self.layout
         members = dict(self.members)
+        spares = [w for w in self.spares if w not in self.dead]  # a copy: a failed attempt gives spares back
         fresh: set[int] = set()
         retired: list[str] = []
         for rank, wid in sorted(members.items()):
@@ -648,7 +865,7 @@ class Controller:
                 fresh.add(rank)
                 rep.replaced[rank] = f"{wid} (restarted)"
             elif wid in self.dead:
-                spare = self._take_spare()
+                spare = spares.pop(0) if spares else None
                 if spare is not None:
                     members[rank] = spare
                     fresh.add(rank)
@@ -662,11 +879,12 @@ class Controller:
                 rep.dropped.append(rank)
         for _ in range(add):
             rank = max(list(members) + list(old.ranks)) + 1
-            wid = self._take_spare()
+            wid = spares.pop(0) if spares else None
             if wid is None:
                 node = rank % cfg.num_nodes
                 wid = self._new_worker(node)
                 self._wait_started([wid])
+                self.spares.append(wid)  # a spare until the grow commits (not leaked if it fails)
             self.rank_nodes[rank] = len(members) // max(1, (cfg.num_ranks // cfg.num_nodes)) % cfg.num_nodes
             members[rank] = wid
             fresh.add(rank)
@@ -681,7 +899,7 @@ class Controller:
 
         # Phase: plan (pure)
         t0 = _now()
-        load = self.window.total()
+        load = load_override if load_override is not None else self.window.total()
         if load is None or load.sum() <= 0:
             load = np.ones((old.num_layers, old.num_experts))  # no statistics yet: balance replica counts
         ranks = sorted(members)
@@ -697,6 +915,10 @@ class Controller:
             rep.epoch_to = self.epoch
             rep.noop = True
             self._refresh_balance(rep, new, load)
+            if any(w in self.dead for w in self.spares) or len(self.spares) < cfg.num_spares:
+                t0 = _now()
+                self._after_commit(rep, force=True)  # a spare died (or a restart left too few): replace it
+                rep.phases["replenish"] = _now() - t0
             return rep
 
         # Storage: which fetched experts still exist somewhere?
@@ -705,7 +927,8 @@ class Controller:
         if fetch_keys and cfg.checkpoint is None:
             lost = [k for k in fetch_keys if k not in backup_refs]
             if lost:
-                self.lost = lost
+                with self._state_lock:
+                    self.lost = lost
                 raise ExpertsLostError(
                     f"{len(lost)} experts have no copy left (no live replica, backup or checkpoint), "
                     f"e.g. (layer, expert) {lost[:5]}; the cluster keeps serving the previous layout",
@@ -715,16 +938,19 @@ class Controller:
         # Phase: communicators (already formed for every live worker unless membership grew)
         t0 = _now()
         participants = {r: members.get(r, holders.get(r)) for r in plan.participants}
-        need_group = len(plan.transfers) and (
-            not set(participants.values()) <= set(self.group_members) or self._restarted
-        )
-        if need_group:
+        movers = {int(r) for r in plan.transfers[:, 2].tolist() + plan.transfers[:, 4].tolist()}
+        need = {participants[r] for r in movers}
+        group = self._group_for(need) if need and not self._restarted and self._group_ok else None
+        if need and group is None:
             self._form_group()
+            group = self._group_for(need)
+            if group is None:  # e.g. a grown rank on a GPU a spare uses: a group of just these
+                self._form_group(exactly=sorted(need))
+                group = self._group_for(need)
+            self._group_ok = True
         rep.phases["communicators"] = _now() - t0
-        group_rank = {}
-        index = {w: i for i, w in enumerate(self.group_members)}
-        for r in set(plan.transfers[:, 2].tolist()) | set(plan.transfers[:, 4].tolist()):
-            group_rank[int(r)] = index[participants[r]]
+        index = {w: i for i, w in enumerate(self.groups.get(group, []))}
+        group_rank = {r: index[participants[r]] for r in movers}
 
         # Phase: transfer (P2P + storage) into staging on every participant
         t0 = _now()
@@ -735,10 +961,24 @@ class Controller:
             part = plan.for_rank(r)
             keys = {(int(l), int(e)) for l, e, _, _ in part.fetches}
             refs[r] = self.handles[wid].execute.remote(
-                epoch, part, self.group, group_rank, cfg.transfer_timeout_s,
+                epoch, part, group, group_rank, cfg.transfer_timeout_s,
                 {k: backup_refs[k] for k in keys if k in backup_refs},
             )
-        results = self._get_all(refs, cfg.transfer_timeout_s + cfg.call_timeout_s, "execute")
+        typed: list = []
+        results = self._get_all(refs, cfg.transfer_timeout_s + cfg.call_timeout_s, "execute",
+                                wids=participants, typed=typed)
+        if typed:  # e.g. the checkpoint cannot give what no replica or backup holds: retrying cannot help
+            lost = sorted({tuple(k) for _, exc in typed if isinstance(exc, ExpertsLostError) for k in exc.lost})
+            if lost:
+                with self._state_lock:
+                    self.lost = lost
+                raise ExpertsLostError(
+                    f"{len(lost)} experts have no live replica or backup and cannot be read from the checkpoint, "
+                    f"e.g. (layer, expert) {lost[:5]}; the previous layout stays in force. "
+                    + "; ".join(f"rank {k}: {exc}" for k, exc in typed)[:2000],
+                    lost,
+                )
+            raise typed[0][1]
         rep.phases["transfer"] = _now() - t0
         rep.worker_timings = {r: res["timings_s"] for r, res in results.items()}
         rep.bytes_p2p = int(sum(res["bytes_received"] for res in results.values()))
@@ -753,6 +993,19 @@ class Controller:
                 if new.experts_of(r)[layer, slot] != expert or self.ref_fp[layer, expert] != fp:
                     bad.append((r, layer, slot, expert))
         if bad:
+            # A fetched copy that fails verification came from storage: trying again reads the same bytes.
+            from_storage = sorted({(layer, expert) for r, layer, slot, expert in bad
+                                   if (layer, expert) in {(int(l), int(e)) for l, e, _, _ in plan.fetches}
+                                   and (layer, expert) not in backup_refs})
+            if from_storage:
+                with self._state_lock:
+                    self.lost = from_storage
+                raise ExpertsLostError(
+                    f"the checkpoint's copies of {len(from_storage)} experts do not match their reference "
+                    f"fingerprints (corrupted?), e.g. (layer, expert) {from_storage[:5]}, and no live replica or "
+                    "backup holds them; the previous layout stays in force",
+                    from_storage,
+                )
             raise TransferError(f"{len(bad)} staged slots failed verification, e.g. (rank, layer, slot, expert) {bad[:5]}")
         rep.slots_verified = int(sum(len(res["staged"]) for res in results.values()))
         rep.phases["verify"] = _now() - t0
@@ -760,30 +1013,41 @@ class Controller:
 
         # Phase: commit (every participant staged and verified; now make it live everywhere)
         t0 = _now()
-        self.faults.hit("committing")
-        commit_refs = {r: self.handles[w].commit.remote(epoch, r) for r, w in members.items() if w not in self.dead}
-        done = self._get_all(commit_refs, cfg.call_timeout_s, "commit", tolerate_dead=True)
+        self.faults.hit("committing")  # a controller death up to here rolls back
+        prev = (self.layout, self.epoch, self.members, self.spares, self.lost)
         with self._state_lock:
-            self.layout = new
-            self.epoch = epoch
-            self.members = members
-            self.lost = []
-        for wid in retired:
-            try:
-                ray.get(self.handles[wid].retire.remote(), timeout=cfg.call_timeout_s)
-                self.spares.append(wid)
-            except RayError:
-                self.dead.add(wid)
+            self.layout, self.epoch, self.members, self.spares, self.lost = new, epoch, members, spares, []
+            self.pending_commit = {"epoch": epoch, "retired": retired}
+        try:
+            self._save()  # the decision: from here on a restarted controller rolls forward
+        except OSError:
+            with self._state_lock:
+                self.layout, self.epoch, self.members, self.spares, self.lost = prev
+                self.pending_commit = None
+            raise
+        commit_refs = {r: self.handles[w].commit.remote(epoch, r) for r, w in members.items() if w not in self.dead}
+        self.faults.hit("decided")  # commits are in flight and the controller dies: the restart finishes them
+        done = self._get_all(commit_refs, cfg.call_timeout_s, "commit", tolerate_dead=True, wids=members)
+        retire_refs = {w: self.handles[w].retire.remote() for w in retired}
+        retired_ok = self._get_all(retire_refs, cfg.call_timeout_s, "retire", tolerate_dead=True)
+        with self._state_lock:
+            self.spares = self.spares + [w for w in retired if w in retired_ok]
+            self.pending_commit = None
         rep.phases["commit"] = _now() - t0
+        rep.committed_at = time.time()
         rep.epoch_to = epoch
         self._save()
+        self.faults.hit("committed")
         if set(done) != set(commit_refs):
             rep.notes.append(f"ranks {sorted(set(commit_refs) - set(done))} died during commit; next recovery heals them")
         self._refresh_balance(rep, new, load)
 
         # After the critical path: replenish spares, re-form communicators, restore backups.
         t0 = _now()
-        self._after_commit(rep)
+        try:
+            self._after_commit(rep)
+        except (ElasticEPError, RayError, GetTimeoutError) as exc:  # committed already: never retry the attempt
+            rep.notes.append(f"after commit: {type(exc).__name__}: {exc}")
         rep.phases["replenish"] = _now() - t0
         return rep
 
@@ -794,18 +1058,11 @@ class Controller:
             rl = layout.rank_loads(load)
             rep.balance[name] = float((rl.max(axis=1) / np.maximum(rl.mean(axis=1), 1e-12)).mean())
 
-    def _take_spare(self) -> Optional[str]:
-        while self.spares:
-            wid = self.spares.pop(0)
-            if wid not in self.dead:
-                return wid
-        return None
-
-    def _after_commit(self, rep: RebalanceReport) -> None:
+    def _after_commit(self, rep: RebalanceReport, force: bool = False) -> None:
         cfg = self.cfg
         dead_spares = [w for w in self.spares if w in self.dead]
         self.spares = [w for w in self.spares if w not in self.dead]
-        changed = bool(rep.replaced or rep.added or rep.dropped or dead_spares)
+        changed = bool(rep.replaced or rep.added or rep.dropped or dead_spares or force)
         while len(self.spares) < cfg.num_spares and changed:
             wid = self._new_worker(len(self.spares) % cfg.num_nodes)
             try:
@@ -817,9 +1074,12 @@ class Controller:
         if changed:
             try:
                 self._form_group()
-            except TransferError as exc:
+                self._group_ok = True
+            except (TransferError, RayError, GetTimeoutError) as exc:
                 rep.notes.append(f"communicators not re-formed: {exc}")
-        # Backups whose store died are recreated from live replicas.
+        # Backups whose store died (e.g. with its node) are recreated from live replicas.
+        if cfg.keep_backups and changed:
+            self._drop_dead_stores()
         missing = [(l, e) for l in range(self.spec.num_layers) for e in range(self.spec.num_experts)
                    if (l, e) not in self.backup_of]
         if missing and cfg.keep_backups:
@@ -831,27 +1091,42 @@ class Controller:
 
     # ------------------------------------------------------------------------------------
 
-    def _get_all(self, refs: dict, timeout_s: float, what: str, tolerate_dead: bool = False) -> dict:
-        """ray.get a dict of refs with one deadline; dead actors raise (or are skipped if tolerated)."""
+    def _get_all(self, refs: dict, timeout_s: float, what: str, tolerate_dead: bool = False,
+                 wids: Optional[dict] = None, typed: Optional[list] = None) -> dict:
+        """ray.get a dict of refs with one deadline; returns {key: result} of those that answered.
+
+        A dead actor is marked dead (``wids`` maps keys to worker ids; by default a str
+        key is a worker id and an int key a rank). Failures raise TransferError unless
+        ``tolerate_dead``. A typed error (an ElasticEPError other than TransferError) is
+        appended as (key, error) to ``typed`` when given, else raised once every ref is done.
+        """
         out = {}
         deadline = _now() + timeout_s
-        errors = []
+        errors, typed_errors = [], []
         for key, ref in refs.items():
             try:
                 out[key] = ray.get(ref, timeout=max(0.01, deadline - _now()))
             except GetTimeoutError:
                 errors.append(f"{key}: timed out after {timeout_s:.1f}s")
                 ray.cancel(ref, force=False)
-            except RayActorError as exc:
-                wid = key if isinstance(key, str) else self.members.get(key) if isinstance(key, int) else None
+            except RayActorError:
+                if wids is not None:
+                    wid = wids.get(key)
+                else:
+                    wid = key if isinstance(key, str) else self.members.get(key) if isinstance(key, int) else None
                 if wid is not None:
                     self._mark_dead(wid)
                 errors.append(f"{key}: actor died")
             except RayError as exc:
                 cause = getattr(exc, "cause", None) or exc
                 if isinstance(cause, ElasticEPError) and not isinstance(cause, TransferError):
-                    raise cause
+                    typed_errors.append((key, cause))
+                    continue
                 errors.append(f"{key}: {type(cause).__name__}: {str(cause)[:300]}")
+        if typed is not None:
+            typed.extend(typed_errors)
+        elif typed_errors:
+            raise typed_errors[0][1]
         if errors and not tolerate_dead:
             raise TransferError(f"{what} failed on " + "; ".join(errors))
         return out

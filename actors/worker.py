@@ -12,7 +12,7 @@ import ray
 import torch
 
 from elastic_ep.config import ModelSpec
-from elastic_ep.errors import CheckpointError, TransferError
+from elastic_ep.errors import CheckpointError, ExpertsLostError, TransferError
 from elastic_ep.executor import ExpertWeights, StagedUpdate, commit, execute_rank_plan
 from elastic_ep.faults import WORKER_PHASES, FaultInjector
 from elastic_ep.plan import RankPlan
@@ -74,6 +74,7 @@ class ExpertWorker:
             "epoch": self.epoch,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
+            "gpus": [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])],
             "busy": self._busy,
             "groups": sorted(self._groups),
         }
@@ -239,11 +240,33 @@ class ExpertWorker:
                 out.clear()  # a lost backup: fall through to the checkpoint for all of them
         rest = [tuple(k) for k in keys if tuple(k) not in out]
         if rest:
+            out.update(self._read_checkpoint(rest, stats))
+        return out
+
+    def _read_checkpoint(self, keys: list[tuple[int, int]], stats: dict) -> dict:
+        """Experts from the checkpoint; ExpertsLostError names exactly those it cannot give, and why."""
+        try:
             reader = self._checkpoint_reader()
             before = reader.bytes_read
-            out.update(reader.read_experts(rest, device=str(self.device)))
+            out = reader.read_experts(keys, device=str(self.device))
             stats["from_checkpoint"] += reader.bytes_read - before
-        return out
+            return out
+        except CheckpointError as exc:
+            first = exc
+        out, failed = {}, []
+        if self._reader is not None:  # find which experts are unreadable (one bad shard spoils only its own)
+            for key in keys:
+                try:
+                    out.update(self._reader.read_experts([key], device=str(self.device)))
+                except CheckpointError:
+                    failed.append(key)
+        else:
+            failed = list(keys)
+        raise ExpertsLostError(
+            f"worker {self.worker_id}: {len(failed)} experts have no live replica or backup and cannot be read "
+            f"from the checkpoint, e.g. (layer, expert) {failed[:5]}: {first}",
+            failed,
+        )
 
     def commit(self, epoch: int, rank: int) -> dict:
         """Make the staged update live (atomic per rank: plain copies that cannot fail halfway but by death)."""
