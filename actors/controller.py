@@ -36,6 +36,10 @@ from elastic_ep.workload import LoadWindow, check_counts, slot_counts_to_logical
 log = logging.getLogger("elastic_ep.controller")
 
 MAX_ATTEMPTS = 4  # re-plans after failures within one rebalance before giving up
+# Ray 2.60 ignores a soft NodeAffinitySchedulingStrategy for an actor that requests no resources
+# (measured on a 3-node local cluster: num_cpus=0 actors landed on other nodes, 0.01 CPU honoured
+# it); pinned CPU actors therefore ask for this sliver of a CPU.
+PIN_CPUS = 0.001
 STATE_VERSION = 2  # controller_state.json: 2 adds pending_commit, backup store names, node pins
 
 
@@ -103,6 +107,7 @@ class Controller:
         self._busy = threading.Event()  # set while a reconfiguration runs
         self._restarted: set[str] = set()
         self._death_time: Optional[float] = None
+        self.death_times: dict[str, float] = {}  # worker id -> wall time its death was noticed
         if self.state_path.exists():
             self._resume()
 
@@ -126,6 +131,8 @@ class Controller:
         strategy = self._node_strategy(node_index)
         if strategy is not None:
             opts["scheduling_strategy"] = strategy
+            if self.cfg.device != "cuda":
+                opts["num_cpus"] = PIN_CPUS
         handle = cls.options(**opts).remote(
             wid, self.spec, self.cfg.slots_per_rank, self.cfg.device, self.cfg.checkpoint, self.cfg.preset
         )
@@ -202,12 +209,48 @@ class Controller:
             }
 
     def _check_checkpoint(self) -> None:
-        """Fail before starting any worker if the checkpoint cannot name every expert (reads no data)."""
+        """Fail before starting any worker if the checkpoint cannot give every expert.
+
+        Reads only headers: the index and every shard it names (missing, truncated or
+        corrupted files, names escaping the folder), and each expert tensor's presence,
+        shape and dtype against the model spec. Raises CheckpointError naming the value.
+        """
+        from safetensors import safe_open
+
         from elastic_ep.storage import CheckpointReader
 
         if self.cfg.checkpoint is None:
             raise CheckpointError("ClusterConfig.checkpoint is None: the first weights are loaded from a checkpoint")
-        CheckpointReader(self.cfg.checkpoint, self.spec, self.cfg.preset).validate()
+        spec = self.spec
+        reader = CheckpointReader(self.cfg.checkpoint, spec, self.cfg.preset)
+        reader.validate()  # every expert tensor is named by the index
+        want_dtype = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[spec.dtype]
+        shapes = ((spec.intermediate, spec.hidden), (spec.intermediate, spec.hidden), (spec.hidden, spec.intermediate))
+        by_file: dict[str, list] = {}
+        for layer in range(spec.num_layers):
+            for expert in range(spec.num_experts):
+                for name, shape in zip(reader.preset.tensor_names(spec.first_layer + layer, expert), shapes):
+                    by_file.setdefault(reader.weight_map[name], []).append((name, shape))
+        for file, tensors in sorted(by_file.items()):
+            try:
+                with safe_open(str(reader.paths[file]), framework="pt", device="cpu") as f:
+                    present = set(f.keys())
+                    for name, shape in tensors:
+                        if name not in present:
+                            raise CheckpointError(f"tensor {name!r} is listed in the index but missing from {file!r}")
+                        sl = f.get_slice(name)
+                        got_shape, got_dtype = tuple(sl.get_shape()), sl.get_dtype()
+                        if got_shape != shape:
+                            raise CheckpointError(f"tensor {name!r} in {file!r} has shape {got_shape}, the model "
+                                                  f"spec needs {shape}")
+                        if got_dtype != want_dtype:
+                            raise CheckpointError(f"tensor {name!r} in {file!r} has dtype {got_dtype}, the model "
+                                                  f"spec needs {want_dtype} ({spec.dtype})")
+            except CheckpointError:
+                raise
+            except Exception as exc:  # safetensors' own errors: truncated, corrupted header, unreadable
+                raise CheckpointError(f"cannot read shard {file!r} in {str(reader.root)!r} (truncated or "
+                                      f"corrupted?): {type(exc).__name__}: {exc}") from exc
 
     def _wait_started(self, wids: list[str]) -> None:
         refs = {wid: self.handles[wid].ping.remote() for wid in wids}
@@ -245,6 +288,8 @@ class Controller:
             "rank_nodes": {str(r): n for r, n in self.rank_nodes.items()},
             "dead": sorted(self.dead),
             "next_worker": self.next_worker,
+            "gpu_share": self.gpu_share,
+            "share_reused": sorted(self._share_reused),
             "ref_fp": self.ref_fp.tolist() if self.ref_fp is not None else None,
             "backup_of": [[l, e, s] for (l, e), s in self.backup_of.items()],
             "num_backup_stores": len(self.backup_stores),
@@ -279,6 +324,8 @@ class Controller:
         self.rank_nodes = {int(r): int(n) for r, n in state["rank_nodes"].items()}
         self.dead = set(state["dead"])
         self.next_worker = int(state["next_worker"])
+        self.gpu_share = {w: float(g) for w, g in state.get("gpu_share", {}).items()}
+        self._share_reused = set(state.get("share_reused", []))
         self.ref_fp = np.asarray(state["ref_fp"], dtype=np.int64) if state["ref_fp"] is not None else None
         self.backup_of = {(int(l), int(e)): int(s) for l, e, s in state["backup_of"]}
         self.node_ids = {int(i): n for i, n in state.get("node_ids", {}).items()}
@@ -382,6 +429,7 @@ class Controller:
                 log.warning("worker %s died", wid)
                 self.dead.add(wid)
                 self._death_time = self._death_time or time.time()
+                self.death_times[wid] = time.time()
 
     def _needs_recovery(self) -> bool:
         with self._state_lock:
@@ -442,6 +490,9 @@ class Controller:
                 "dead": sorted(self.dead),
                 "lost": [tuple(k) for k in self.lost],
                 "unserved": self._unserved(layout),
+                "death_times": dict(self.death_times),
+                "backed_up": len(self.backup_of),
+                "node_ids": dict(self.node_ids),
                 "last_error": self.last_error,
                 "rank_nodes": dict(self.rank_nodes),
                 "layout": layout.to_dict() if layout is not None else None,
@@ -466,6 +517,10 @@ class Controller:
 
     def arm_worker_fault(self, rank_or_wid, phase: str, delay_s: float = 0.0) -> str:
         """Arm a worker to die at ``phase``. ``idle`` with no delay kills it now; this returns once it is dead."""
+        from elastic_ep.faults import WORKER_PHASES
+
+        if phase not in WORKER_PHASES:
+            raise ValueError(f"unknown fault phase {phase!r}; known: {list(WORKER_PHASES)}")
         wid = self._resolve(rank_or_wid)
         handle = self.handles[wid]
         now = phase == "idle" and delay_s <= 0
@@ -481,6 +536,13 @@ class Controller:
                 raise TransferError(f"worker {wid} armed to die at once still lives after {self.cfg.call_timeout_s}s")
             self._mark_dead(wid)
         return wid
+
+    def disarm_worker_faults(self, rank_or_wid=None) -> dict:
+        """Disarm every fault still armed on one worker (or on all live ones); returns {worker id: phases}."""
+        wids = [self._resolve(rank_or_wid)] if rank_or_wid is not None else [
+            w for w in list(self.members.values()) + self.spares if w not in self.dead]
+        refs = {w: self.handles[w].disarm_fault.remote() for w in wids if w in self.handles}
+        return self._get_all(refs, self.cfg.call_timeout_s, "disarm", tolerate_dead=True)
 
     def _resolve(self, rank_or_wid) -> str:
         if isinstance(rank_or_wid, str):
@@ -650,7 +712,7 @@ class Controller:
             opts = dict(name=name, lifetime="detached", num_cpus=0)
             strategy = self._node_strategy(node)
             if strategy is not None:
-                opts["scheduling_strategy"] = strategy
+                opts.update(scheduling_strategy=strategy, num_cpus=PIN_CPUS)
             self.backup_stores[node] = ray.remote(BackupStore).options(**opts).remote(node)
             self.backup_names[node] = name
         return self.backup_stores[node]
@@ -831,7 +893,8 @@ class Controller:
                 report.since_death_s = time.time() - death_time
             self._death_time = None
             out = report.to_dict()
-            out.update(started_at=started_at, finished_at=time.time())
+            out.update(started_at=started_at, finished_at=time.time(),
+                       committed_at=getattr(report, "committed_at", None))
             self.history.append(out)
             self._save()
             return out
