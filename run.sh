@@ -32,8 +32,11 @@ case "$cmd" in
     setup
     exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
     ;;
+  setup)
+    setup
+    ;;
   *)
-    echo "usage: bash run.sh demo|test [args...]" >&2
+    echo "usage: bash run.sh demo|test|setup [args...]" >&2
     exit 2
     ;;
 esac
