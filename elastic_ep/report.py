@@ -49,18 +49,26 @@ class RebalanceReport:
         return sum(self.phases.get(k, 0.0) for k in keys)
 
 
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; keeps small moves visible instead of rounding them to 0.0 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def format_report(d: dict) -> str:
     """A short human-readable rendering of a report dict."""
     ph = d.get("phases", {})
     parts = [f"{k} {1e3 * v:.0f}ms" for k, v in ph.items()]
-    mb = 1 << 20
     lines = [
         f"{d['reason']}: epoch {d['epoch_from']} -> {d.get('epoch_to')}"
         + (" (nothing to move)" if d.get("noop") else "")
         + (f", attempt {d['attempt']}" if d.get("attempt", 1) > 1 else ""),
         "  phases: " + ", ".join(parts),
-        f"  moved: p2p {d['bytes_p2p'] / mb:.1f} MiB, backups {d['bytes_from_backup'] / mb:.1f} MiB, "
-        f"checkpoint {d['bytes_from_checkpoint'] / mb:.1f} MiB; slots verified {d['slots_verified']}",
+        f"  moved: p2p {human_bytes(d['bytes_p2p'])}, backups {human_bytes(d['bytes_from_backup'])}, "
+        f"checkpoint {human_bytes(d['bytes_from_checkpoint'])}; slots verified {d['slots_verified']}",
     ]
     plan = d.get("plan") or {}
     if plan:
