@@ -12,8 +12,16 @@ Two policies share one engine, vectorised over layers (and nodes):
   back to the ``eplb`` packing with ranks relabelled to match the old layout,
   which has exactly ``eplb``'s balance. Balance (max rank load) is guaranteed
   within ``tolerance`` of ``eplb`` on the same input, and far fewer slots move.
+  In a hierarchical placement only a layer's hottest node counts, so a node is
+  left alone while it is within tolerance of eplb's max rank load for the layer.
 
 Ties are broken by expert id and rank position, so results are deterministic.
+
+Speed: every step is vectorised over the batch of problems (layers, or layers x
+nodes); the only Python loops run over the items of one problem (LPT), swap
+rounds and duplicate repairs. Sticky's packing, eplb's packing of the same
+problems (its reference) and, for hierarchical placement, eplb's own node
+problems all share one LPT loop.
 """
 
 from __future__ import annotations
@@ -67,219 +75,602 @@ def replicate(weight: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarr
             f"{num_slots} slots cannot hold {n} experts with 1 to {max_replicas} replicas each"
         )
     cnt = np.ones((batch, n), dtype=np.int64)
+    if not extra:
+        return cnt
     rows = np.arange(batch)
-    # Slightly favour low expert ids on exact ties (argmax takes the first).
+    # score: load per replica (-inf at max_replicas); a step changes one column per row.
+    score = np.where(cnt < max_replicas, weight / cnt, -np.inf)
     for _ in range(extra):
-        score = np.where(cnt < max_replicas, weight / cnt, -np.inf)
-        cnt[rows, score.argmax(axis=1)] += 1
+        best = score.argmax(axis=1)  # slightly favours low expert ids on exact ties
+        c = cnt[rows, best] + 1
+        cnt[rows, best] = c
+        score[rows, best] = np.where(c < max_replicas, weight[rows, best] / c, -np.inf)
     return cnt
 
 
-def _items(cnt: np.ndarray, wrep: np.ndarray, old: Optional[np.ndarray]) -> tuple[np.ndarray, ...]:
+def _sorted_experts(cnt: np.ndarray, wrep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every replica, heaviest first (ties: lowest expert id): experts, weights, replica index [B, k].
+
+    cnt, wrep: [B, n] replicas per expert and load per replica; ``k = cnt.sum(1)``, equal
+    for every row. Replicas of one expert are adjacent; the replica index counts them.
+    """
+    batch, n = cnt.shape
+    width = int(cnt[0].sum())
+    order = _argsort_desc(wrep)  # [B, n]; ties by expert id
+    reps = _gather_rows(cnt, order).ravel()
+    experts = np.repeat(order.ravel(), reps).reshape(batch, width)
+    weights = _gather_rows(wrep, experts)
+    first = np.repeat(np.cumsum(reps) - reps, reps).reshape(batch, width)  # flat index of the run start
+    replica = np.arange(batch * width).reshape(batch, width) - first
+    return experts, weights, replica
+
+
+def _items(
+    cnt: np.ndarray, wrep: np.ndarray, old: Optional[np.ndarray], items: Optional[tuple] = None
+) -> tuple[np.ndarray, ...]:
     """All replicas to pack, heaviest first, and the old slot each would like to stay in.
 
     cnt, wrep: [B, n] replicas per expert and load per replica. old: [B, R, S] or None.
+    items: ``_sorted_experts(cnt, wrep)`` if already computed.
     Returns experts [B, k], weights [B, k], pref [B, k] (old global slot or -1), with
     ``k = cnt.sum(1)`` equal for every row. Replica i of expert e prefers e's i-th
     old holder in slot order.
     """
     batch, n = cnt.shape
-    width = int(cnt[0].sum())
-    order = np.lexsort((np.broadcast_to(np.arange(n), (batch, n)), -wrep), axis=1)  # [B, n]
-    reps = np.take_along_axis(cnt, order, axis=1)
-    experts = np.repeat(order.ravel(), reps.ravel()).reshape(batch, width)
-    weights = np.take_along_axis(wrep, experts, axis=1)
-    ends = np.cumsum(reps, axis=1)
-    first = np.repeat((ends - reps).ravel(), reps.ravel()).reshape(batch, width)
-    replica = np.arange(width)[None, :] - first  # replica index of each item within its expert
+    experts, weights, replica = _sorted_experts(cnt, wrep) if items is None else items
     if old is None:
-        return experts, weights, np.full((batch, width), _EMPTY, dtype=np.int64)
+        return experts, weights, np.full(experts.shape, _EMPTY, dtype=np.int64)
     flat = old.reshape(batch, -1)
     num_slots = flat.shape[1]
-    key = np.where(flat >= 0, flat * num_slots + np.arange(num_slots), n * num_slots)
-    holders = np.argsort(key, axis=1, kind="stable")  # slots grouped by expert, in slot order
-    oldcnt = np.zeros((batch, n + 1), dtype=np.int64)
-    np.add.at(oldcnt, (np.repeat(np.arange(batch), num_slots), np.where(flat >= 0, flat, n).ravel()), 1)
+    held = np.where(flat >= 0, flat, n)  # empty slots count as expert n
+    offset = (np.arange(batch) * (n + 1))[:, None]
+    # Slots grouped by expert, in slot order: sort unique keys (problem, expert, slot).
+    shift = num_slots.bit_length()
+    key = np.sort((((offset + held) << shift) | np.arange(num_slots)).ravel())
+    holders = (key & ((1 << shift) - 1)).reshape(batch, num_slots)
+    oldcnt = np.bincount((held + offset).ravel(), minlength=batch * (n + 1)).reshape(batch, n + 1)
     start = np.cumsum(oldcnt, axis=1) - oldcnt  # [B, n + 1]
-    has_pref = replica < np.take_along_axis(oldcnt, experts, axis=1)
-    idx = np.minimum(np.take_along_axis(start, experts, axis=1) + replica, num_slots - 1)
-    pref = np.where(has_pref, np.take_along_axis(holders, idx, axis=1), _EMPTY)
+    at = experts + offset
+    has_pref = replica < oldcnt.ravel()[at]
+    idx = np.minimum(start.ravel()[at] + replica, num_slots - 1)
+    pref = np.where(has_pref, _gather_rows(holders, idx), _EMPTY)
     return experts, weights, pref
+
+
+def _argsort_desc(values: np.ndarray) -> np.ndarray:
+    """Stable descending argsort of each row of values [B, n] (ties: lowest index first).
+
+    Equal to ``np.argsort(-values, axis=1, kind="stable")``, faster: non-negative floats
+    sort like their bit patterns, so an integer sort is used and only rows with ties
+    take the (slow) stable sort.
+    """
+    values = np.asarray(values)
+    if values.dtype != np.float64 or not values.size or values.min() < 0:
+        return np.argsort(-values, axis=1, kind="stable")
+    key = -(values + 0.0).view(np.int64)  # + 0.0 turns -0.0 into 0.0
+    order = np.argsort(key, axis=1)
+    srt = _gather_rows(key, order)
+    tied = (srt[:, 1:] == srt[:, :-1]).any(axis=1)
+    if tied.any():
+        order[tied] = np.argsort(key[tied], axis=1, kind="stable")
+    return order
+
+
+def _stable_argsort(keys: np.ndarray) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")`` for 1-d non-negative int keys, fast when keys are
+    already sorted or fit in 16 bits (radix sort)."""
+    if len(keys) < 2 or bool((keys[1:] >= keys[:-1]).all()):
+        return np.arange(len(keys))
+    if int(keys.min()) >= 0 and int(keys.max()) < 2**16:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    return np.argsort(keys, kind="stable")
 
 
 def _lpt(
     experts: np.ndarray,
     weights: np.ndarray,
-    load: np.ndarray,
+    key: np.ndarray,
     count: np.ndarray,
-    has: np.ndarray,
+    held: Optional[np.ndarray],
     spr: int,
-) -> np.ndarray:
-    """Longest-processing-time packing onto partly filled ranks, in place on load/count/has.
+    held_from: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Longest-processing-time packing onto partly filled ranks.
 
-    experts, weights: [B, k] heaviest first, -1 experts as padding. load, count: [B, R].
-    has: [B, n + 1, R] whether a rank holds an expert (row n is for padding).
+    experts, weights: [B, k] heaviest first, replicas of one expert adjacent, -1 experts as
+    padding at the end of a row. key: [B, R] rank load where the rank has room, +inf where
+    it is full. count: [B, R] filled slots. held: [k, B - held_from, R] (item-major) whether
+    a rank holds the item's expert before packing (kept replicas; False for padding), for
+    rows ``held_from`` on (none before), or None for none. Inputs are not modified.
     Each item goes to the least loaded rank with room that lacks the expert; a rank
     that would hold it twice is taken only when nothing else has room (repaired later).
-    Returns rank position [B, k] (-1 for padding).
+    Returns rank position [B, k] and slot index [B, k] (the rank's fill count on arrival;
+    -1 for padding), and which rows gave a rank an expert twice: [B] bool.
+
+    Rows are processed longest first, so each step works on a prefix of the rows that
+    still have items; an item only needs masking when its rank choice is constrained.
     """
     batch, width = experts.shape
-    rows = np.arange(batch)
-    pad = has.shape[1] - 1
-    out = np.full((batch, width), _EMPTY, dtype=np.int64)
+    num_ranks = key.shape[1]
+    out_rank = np.full((width, batch), _EMPTY, dtype=np.int64)  # item-major while packing
+    out_pos = np.full((width, batch), _EMPTY, dtype=np.int64)
+    stuck_rows = np.zeros(batch, dtype=bool)
+    if not width or not batch:
+        return out_rank.T, out_pos.T, stuck_rows
+    valid = experts >= 0
+    nvalid = valid.sum(axis=1)
+    perm = None
+    if bool((nvalid[1:] > nvalid[:-1]).any()):  # not yet longest first
+        assert not held_from, "rows with kept replicas must come longest first"
+        perm = np.argsort(-nvalid, kind="stable")
+        experts, weights, valid, nvalid = experts[perm], weights[perm], valid[perm], nvalid[perm]
+        key, count = key[perm], count[perm]
+        held = held[:, perm] if held is not None else None
+    else:
+        key, count = key.copy(), count.copy()
+    # Item-major copies, so that item j of every row is one contiguous slice.
+    weights_t = np.ascontiguousarray(weights.T)  # [k, B]
+    # cont[j, b]: item j continues item j-1's expert (so the ranks given to the run are taken).
+    cont = np.zeros((width, batch), dtype=bool)
+    cont[1:] = ((experts[:, 1:] == experts[:, :-1]) & valid[:, 1:]).T
+    constrained = cont.any(axis=1)
+    if held is not None:  # (held is False for padding)
+        constrained |= held.reshape(width, -1).any(axis=1)
+    follow = np.zeros(width + 1, dtype=bool)
+    follow[:width] = cont.any(axis=1)
+    follow = follow[1:].tolist()  # whether some row continues a run at j + 1
+    constrained = constrained.tolist()
+    active = np.searchsorted(-nvalid, -np.arange(width), side="left").tolist()  # rows with > j items
+    # No load can overflow to +inf: then a rank is ruled out exactly where its masked key is +inf.
+    finite = bool(np.isfinite(np.where(np.isinf(key), 0.0, key).sum() + weights_t.sum()))
+    kf, cf = key.ravel(), count.ravel()
+    row_base = np.arange(batch) * num_ranks
+    cur = np.zeros((batch, num_ranks), dtype=bool)  # ranks that hold the current item's expert
+    inf = np.inf
+    first_full = spr - 1 - int(count.max())  # no rank can fill up before this item
+    fills = np.zeros(spr + 1)
+    fills[spr - 1] = inf  # added to a rank's key when its last slot is taken
     for j in range(width):
-        e = experts[:, j]
-        valid = e >= 0
-        if not valid.any():
+        a = active[j]
+        if not a:
             break
-        col = np.where(valid, e, pad)
-        room = count < spr
-        ok = room & ~has[rows, col]
-        rank = np.where(ok, load, np.inf).argmin(axis=1)
-        stuck = valid & ~ok[rows, rank]
-        if stuck.any():
-            rank = np.where(stuck, np.where(room, load, np.inf).argmin(axis=1), rank)
-        load[rows, rank] += np.where(valid, weights[:, j], 0.0)
-        count[rows, rank] += valid
-        has[rows, col, rank] |= valid
-        out[:, j] = np.where(valid, rank, _EMPTY)
-    return out
+        k = key[:a]
+        block = None
+        if constrained[j]:
+            # Ranks holding the expert: kept replicas, and earlier replicas of its run
+            # (which include the kept ones, as they share the expert).
+            block = cur[:a] & cont[j, :a, None]
+            if held is not None and a > held_from:
+                block[held_from:] |= held[j, : a - held_from]
+            masked = k.copy()
+            np.putmask(masked, block, inf)
+            rank = masked.argmin(axis=1)
+            flat = row_base[:a] + rank
+            if finite:
+                stuck = masked.ravel()[flat] == inf
+            else:
+                stuck = block.ravel()[flat] | (cf[flat] >= spr)
+            if stuck.any():
+                stuck_rows[:a] |= stuck
+                rank = np.where(stuck, k.argmin(axis=1), rank)
+                flat = row_base[:a] + rank
+        else:
+            rank = k.argmin(axis=1)
+            flat = row_base[:a] + rank
+        c = cf[flat]
+        cf[flat] = c + 1
+        if j < first_full:
+            kf[flat] += weights_t[j, :a]
+        else:  # a rank that is now full takes no more
+            kf[flat] = kf[flat] + weights_t[j, :a] + fills[c]
+        out_rank[j, :a] = rank
+        out_pos[j, :a] = c
+        if follow[j]:
+            cur = np.zeros((a, num_ranks), dtype=bool) if block is None else block
+            cur.ravel()[flat] = True
+    out_rank, out_pos = out_rank.T, out_pos.T
+    if perm is not None:
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(batch)
+        out_rank, out_pos, stuck_rows = out_rank[inv], out_pos[inv], stuck_rows[inv]
+    return out_rank, out_pos, stuck_rows
 
 
 def _arrange(experts: np.ndarray, ranks: np.ndarray, old: Optional[np.ndarray], spr: int) -> np.ndarray:
     """Turn (expert, rank) assignments into slots [B, R, S], keeping old slots where possible.
 
-    An expert assigned to a rank that held it before goes back to its old slot; the
-    others fill the remaining slots of their rank, lowest slot first.
+    experts, ranks: [B, k] with ``k = R * S``. An expert assigned to a rank that held it
+    before goes back to its old slot; the others fill the remaining slots of their rank,
+    lowest slot first, in item order.
     """
     batch, width = experts.shape
     num_ranks = width // spr
-    n = int(experts.max()) + 1 if experts.size else 0
-    slots = np.full((batch, num_ranks, spr), _EMPTY, dtype=np.int64)
-    stay = np.zeros((batch, width), dtype=bool)
-    if old is not None:
-        n = max(n, int(old.max()) + 1)
-        new_has = np.zeros((batch, n + 1, num_ranks), dtype=bool)
-        new_has[np.arange(batch)[:, None], experts, ranks] = True
-        old_has = np.zeros((batch, n + 1, num_ranks), dtype=bool)
-        bb, rr, ss = np.nonzero(old >= 0)
-        old_has[bb, old[bb, rr, ss], rr] = True
-        r_idx = np.broadcast_to(np.arange(num_ranks)[None, :, None], old.shape)
-        b_idx = np.broadcast_to(np.arange(batch)[:, None, None], old.shape)
-        keep = (old >= 0) & new_has[b_idx, np.where(old >= 0, old, n), r_idx]
-        slots[keep] = old[keep]
-        stay = old_has[np.arange(batch)[:, None], experts, ranks]
-    if old is not None and int(stay.sum()) != int(keep.sum()):
-        # A rank given one expert twice (repaired later) keeps it in its old slot once.
-        key = (np.arange(batch)[:, None] * (n + 1) + experts) * num_ranks + ranks
-        key = np.where(stay, key, -1 - np.arange(width)[None, :] - width * np.arange(batch)[:, None])
-        flat = key.ravel()
-        order = np.argsort(flat, kind="stable")
-        dup = np.zeros(flat.shape, dtype=bool)
-        dup[order[1:]] = flat[order[1:]] == flat[order[:-1]]
-        stay &= ~dup.reshape(stay.shape)
-    b_all = np.broadcast_to(np.arange(batch)[:, None], experts.shape)
-    move_b, move_r, move_e = b_all[~stay], ranks[~stay], experts[~stay]
-    order = np.lexsort((np.arange(len(move_b)), move_r, move_b))
-    free_b, free_r, free_s = np.nonzero(slots == _EMPTY)  # sorted by (b, r, s)
-    if len(free_b) != len(order) or not (
-        np.array_equal(free_b, move_b[order]) and np.array_equal(free_r, move_r[order])
-    ):
+    if old is None:
+        slots = np.full(batch * width, _EMPTY, dtype=np.int64)
+        stay = np.zeros((batch, width), dtype=bool)
+    else:
+        n = max(int(experts.max()) + 1 if experts.size else 0, int(old.max()) + 1)
+        flat_old = old.reshape(batch, -1)
+        valid = flat_old >= 0
+        base = (np.arange(batch) * (n + 1))[:, None]
+        # Flat keys of (problem, expert, rank); expert n stands for an empty old slot.
+        new_key = ((base + experts) * num_ranks + ranks).ravel()
+        old_key = (base + np.where(valid, flat_old, n)) * num_ranks + _slot_ranks(num_ranks, spr)
+        new_has = np.zeros(batch * (n + 1) * num_ranks, dtype=bool)
+        new_has[new_key] = True
+        keep = valid & new_has[old_key]
+        slots = np.where(keep, flat_old, _EMPTY).ravel()
+        old_has = np.zeros_like(new_has)
+        old_has[old_key[valid]] = True
+        stay = old_has[new_key].reshape(batch, width)
+        if int(stay.sum()) != int(keep.sum()):
+            # A rank given one expert twice (repaired later) keeps it in its old slot once:
+            # the first such item in item order stays, the others move.
+            at = np.flatnonzero(stay)
+            stay.ravel()[at[~_first_occurrence(new_key[at])]] = False
+    return _fill_free(slots, experts, ranks, ~stay, num_ranks, spr)
+
+
+def _fill_free(
+    slots: np.ndarray, experts: np.ndarray, ranks: np.ndarray, move: np.ndarray, num_ranks: int, spr: int
+) -> np.ndarray:
+    """Put the moving items into the free (-1) slots: returns slots [B, R, S].
+
+    slots: [B * R * S] flat, kept replicas placed. experts, ranks, move: [B, k]. Items go
+    by (problem, rank) and then item order into their rank's free slots in slot order.
+    """
+    batch = experts.shape[0]
+    move_rank = ((np.arange(batch) * num_ranks)[:, None] + ranks)[move]
+    order = _stable_argsort(move_rank)
+    free = np.flatnonzero(slots == _EMPTY)  # sorted by (problem, rank, slot)
+    if len(free) != len(order) or not np.array_equal(free // spr, move_rank[order]):
         raise AssertionError("packing left a rank with too many or too few experts")
-    slots[free_b, free_r, free_s] = move_e[order]
-    return slots
+    slots[free] = experts[move][order]
+    return slots.reshape(batch, num_ranks, spr)
 
 
-def _repair_duplicates(slots: np.ndarray, wrep: np.ndarray) -> None:
+def _first_occurrence(keys: np.ndarray) -> np.ndarray:
+    """Whether each entry of keys (1-d, non-negative ints) is the first with its value."""
+    first = np.ones(len(keys), dtype=bool)
+    if not len(keys):
+        return first
+    repeated = np.flatnonzero(np.bincount(keys)[keys] > 1)  # few: sort only those
+    sub = keys[repeated]
+    order = np.argsort(sub, kind="stable")
+    first[repeated[order[1:]]] = sub[order[1:]] != sub[order[:-1]]
+    return first
+
+
+def _slot_ranks(num_ranks: int, spr: int) -> np.ndarray:
+    """Rank position of every global slot: [R * S]."""
+    return np.repeat(np.arange(num_ranks), spr)
+
+
+def _repair_duplicates(slots: np.ndarray, wrep: np.ndarray, strict: bool = True) -> np.ndarray:
     """Swap replicas so that no rank holds one expert twice (rare after LPT). In place.
 
     slots: [B, R, S]; wrep: [B, n] per-replica load, used to pick the swap that moves least load.
+    Each duplicate, in (problem, rank, slot) order, swaps its last copy on the rank with a
+    replica f on a rank without the expert, such that the rank lacks f, whose load is
+    closest. Problems are independent, so the k-th duplicate of every problem is
+    repaired in one vectorised step. A duplicate with no such swap raises CapacityError,
+    or with ``strict=False`` marks its problem as failed. Returns the failed problems: [B].
     """
     srt = np.sort(slots, axis=2)
-    hits = np.argwhere(srt[:, :, 1:] == srt[:, :, :-1])
-    for b, r, i in hits:
-        view = slots[b]
-        e = int(srt[b, r, i])
-        where = np.nonzero(view[r] == e)[0]
-        if len(where) < 2:
-            continue  # already repaired by an earlier swap
-        s = int(where[-1])
+    hits = np.argwhere(srt[:, :, 1:] == srt[:, :, :-1])  # [H, 3]: problem, rank, index
+    failed_rows = np.zeros(len(slots), dtype=bool)
+    if not len(hits):
+        return failed_rows
+    _, num_ranks, spr = slots.shape
+    b_all = hits[:, 0]
+    first = np.ones(len(hits), dtype=bool)
+    first[1:] = b_all[1:] != b_all[:-1]
+    wave = np.arange(len(hits)) - np.maximum.accumulate(np.where(first, np.arange(len(hits)), 0))
+    failed = {}  # problem -> the expert it could not repair (the first such, as done in order)
+    for k in range(int(wave.max()) + 1):
+        b, r, i = hits[wave == k].T
+        view = slots[b]  # [H, R, S]
+        e = srt[b, r, i]
+        mine = view[np.arange(len(b)), r]  # [H, S]
+        # Still twice (not repaired by an earlier swap), in a problem that has not failed.
+        todo = ((mine == e[:, None]).sum(axis=1) >= 2) & ~np.isin(b, list(failed))
+        if not todo.any():
+            continue
+        b, r, e, view, mine = b[todo], r[todo], e[todo], view[todo], mine[todo]
+        s = spr - 1 - (mine == e[:, None])[:, ::-1].argmax(axis=1)  # last copy on the rank
         # Candidates: a replica f on a rank without e, such that rank r lacks f.
-        ok = ~(view == e).any(axis=1)[:, None] & ~np.isin(view, view[r])
-        if not ok.any():
-            raise CapacityError(f"cannot place replicas without duplicating expert {e} on a rank")
-        cost = np.where(ok, np.abs(wrep[b][view] - wrep[b, e]), np.inf)
-        r2, s2 = np.unravel_index(int(cost.argmin()), cost.shape)
-        view[r, s], view[r2, s2] = view[r2, s2], e
+        ok = ~(view == e[:, None, None]).any(axis=2)[:, :, None] & ~(
+            view[:, :, :, None] == mine[:, None, None, :]
+        ).any(axis=3)
+        ok = ok.reshape(len(b), -1)
+        stuck = ~ok.any(axis=1)
+        for bb, ee in zip(b[stuck].tolist(), e[stuck].tolist()):
+            failed[bb] = ee
+        b, r, s, e, view, ok = b[~stuck], r[~stuck], s[~stuck], e[~stuck], view[~stuck], ok[~stuck]
+        if not len(b):
+            continue
+        wv = np.take_along_axis(wrep[b], view.reshape(len(b), -1), axis=1)
+        cost = np.where(ok, np.abs(wv - wrep[b, e][:, None]), np.inf)
+        r2, s2 = np.divmod(cost.argmin(axis=1), spr)
+        slots[b, r, s] = view[np.arange(len(b)), r2, s2]
+        slots[b, r2, s2] = e
+    if failed and strict:
+        bad = failed[min(failed)]
+        raise CapacityError(f"cannot place replicas without duplicating expert {bad} on a rank")
+    failed_rows[list(failed)] = True
+    return failed_rows
 
 
 def _slot_loads(slots: np.ndarray, wrep: np.ndarray) -> np.ndarray:
     """Rank loads [B, R] of slots [B, R, S] (-1: empty) given per-replica loads [B, n]."""
-    batch = slots.shape[0]
+    batch, n = wrep.shape
     flat = slots.reshape(batch, -1)
-    per_slot = np.take_along_axis(wrep, np.maximum(flat, 0), axis=1)
-    return np.where(flat >= 0, per_slot, 0.0).reshape(slots.shape).sum(axis=2)
+    empty = flat < 0
+    idx = (np.arange(batch) * n)[:, None] + flat
+    values = np.ascontiguousarray(wrep).ravel()
+    if empty.any():
+        per_slot = np.where(empty, 0.0, values[np.where(empty, 0, idx)])
+    else:
+        per_slot = values[idx]
+    return per_slot.reshape(slots.shape).sum(axis=2)
+
+
+def _pack_fresh(experts: np.ndarray, weights: np.ndarray, wrep: np.ndarray, num_ranks: int, spr: int) -> np.ndarray:
+    """LPT onto empty ranks: slots [B, R, S], each rank's slots filled in arrival order.
+
+    experts, weights: [B, R * S] every replica, heaviest first; wrep: [B, n] per-replica load.
+    """
+    batch = experts.shape[0]
+    key = np.zeros((batch, num_ranks))
+    count = np.zeros((batch, num_ranks), dtype=np.int64)
+    rank, pos, stuck = _lpt(experts, weights, key, count, None, spr)
+    return _fresh_slots(experts, rank, pos, stuck, wrep, num_ranks, spr)
+
+
+def _fresh_slots(
+    experts: np.ndarray, rank: np.ndarray, pos: np.ndarray, stuck: np.ndarray, wrep: np.ndarray, num_ranks: int, spr: int
+) -> np.ndarray:
+    """Slots [B, R, S] of a packing onto empty ranks from its LPT result (rank, slot per item)."""
+    batch, width = experts.shape
+    if width and int(pos.max()) >= spr:
+        raise AssertionError("packing left a rank with too many or too few experts")
+    slots = np.empty(batch * width, dtype=np.int64)
+    slots[(np.arange(batch) * width)[:, None] + rank * spr + pos] = experts
+    slots = slots.reshape(batch, num_ranks, spr)
+    _repair_rows(slots, wrep, stuck)
+    return slots
+
+
+def _repair_rows(slots: np.ndarray, wrep: np.ndarray, rows: np.ndarray, strict: bool = True) -> np.ndarray:
+    """``_repair_duplicates`` on the rows (bool [B]) where LPT gave a rank an expert twice.
+
+    Returns the rows it could not repair (only with ``strict=False``): bool [B].
+    """
+    failed = np.zeros(len(slots), dtype=bool)
+    if rows.any():
+        sub = slots[rows]
+        failed[rows] = _repair_duplicates(sub, wrep[rows], strict)
+        slots[rows] = sub
+    return failed
 
 
 def pack(
-    weight: np.ndarray, cnt: np.ndarray, num_ranks: int, spr: int, old: Optional[np.ndarray] = None
+    weight: np.ndarray,
+    cnt: np.ndarray,
+    num_ranks: int,
+    spr: int,
+    old: Optional[np.ndarray] = None,
+    items: Optional[tuple] = None,
 ) -> np.ndarray:
     """Pack ``cnt`` replicas per expert onto ranks: slots [B, R, S].
 
     weight, cnt: [B, n]. With ``old`` ([B, R, S]), every replica that an old slot can
     keep stays there; only the others are packed (heaviest first, least loaded rank).
+    items: ``_sorted_experts(cnt, weight / cnt)`` if already computed.
     """
-    batch, n = weight.shape
     wrep = weight / cnt
-    experts, weights, pref = _items(cnt, wrep, old)
-    rows = np.broadcast_to(np.arange(batch)[:, None], experts.shape)
-    load = np.zeros((batch, num_ranks))
-    count = np.zeros((batch, num_ranks), dtype=np.int64)
-    has = np.zeros((batch, n + 1, num_ranks), dtype=bool)
-    ranks = np.where(pref >= 0, pref // spr, _EMPTY)
+    if items is None:
+        items = _sorted_experts(cnt, wrep)
+    if old is None:
+        return _pack_fresh(items[0], items[1], wrep, num_ranks, spr)
+    kept = _Kept.prepare(cnt, wrep, items, old, num_ranks, spr)
+    none = np.zeros((0, kept.moving.shape[1]))
+    placed, stuck, _, _, _ = _lpt_joint(kept, none.astype(np.int64), none, spr)
+    return kept.finish(
+        placed, stuck, wrep, old, lambda idx: _pack_fresh(items[0][idx], items[1][idx], wrep[idx], num_ranks, spr)
+    )
+
+
+@dataclass
+class _Kept:
+    """A sticky packing between its steps: kept replicas placed, the rest still to pack.
+
+    experts, pref, ranks: [B, k] every replica (heaviest first), its old global slot (-1:
+    none) and its rank (-1: not placed yet). moving, moving_w: [B, m] the replicas to pack,
+    left-aligned (-1 padding), at item positions ``cols`` of rows ``rows`` (flat lists
+    over the moving replicas, ``slot_of`` their column in moving). key, count: [B, R] rank
+    loads (+inf once full) and fill counts of the kept replicas. held: [M, R] whether a rank
+    keeps a replica of each moving replica's expert (same order as rows, cols).
+    """
+
+    experts: np.ndarray
+    pref: np.ndarray
+    ranks: np.ndarray
+    moving: np.ndarray
+    moving_w: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    slot_of: np.ndarray
+    key: np.ndarray
+    count: np.ndarray
+    held: np.ndarray
+    spr: int
+
+    @classmethod
+    def prepare(cls, cnt, wrep, items, old, num_ranks, spr) -> "_Kept":
+        """Keep every replica that has an old slot; line up the others for LPT."""
+        batch, n = cnt.shape
+        experts, weights, pref = _items(cnt, wrep, old, items)
+        stay = pref >= 0
+        ranks = np.where(stay, pref // spr, _EMPTY)
+        # Kept replicas: rank loads (summed in item order), fill counts, and who holds what.
+        at = ((np.arange(batch) * num_ranks)[:, None] + ranks)[stay]
+        load = np.bincount(at, weights=weights[stay], minlength=batch * num_ranks).reshape(batch, num_ranks)
+        count = np.bincount(at, minlength=batch * num_ranks).reshape(batch, num_ranks)
+        base = (np.arange(batch) * (n + 1))[:, None]
+        has = np.zeros((batch * (n + 1), num_ranks), dtype=bool)
+        has.ravel()[((base + experts) * num_ranks + ranks)[stay]] = True
+        # The rest, heaviest first, left-aligned per problem (padding -1 at the end).
+        move = ~stay
+        width = int(move.sum(axis=1).max()) if move.size else 0
+        rows, cols = np.nonzero(move)
+        slot_of = np.cumsum(move, axis=1)[rows, cols] - 1
+        moving = np.full((batch, width), _EMPTY, dtype=np.int64)
+        moving[rows, slot_of] = experts[rows, cols]
+        moving_w = np.zeros((batch, width))
+        moving_w[rows, slot_of] = weights[rows, cols]
+        held = has[base[rows, 0] + experts[rows, cols]]
+        key = np.where(count < spr, load, np.inf)
+        return cls(experts, pref, ranks, moving, moving_w, rows, cols, slot_of, key, count, held, spr)
+
+    def finish(self, placed: np.ndarray, stuck: np.ndarray, wrep: np.ndarray, old: np.ndarray, fresh) -> np.ndarray:
+        """Slots [B, R, S] once LPT placed the moving replicas (placed: [B, m] ranks).
+
+        A problem whose duplicates cannot be repaired by swaps takes eplb's packing
+        instead (``fresh(rows)``: slots [len(rows), R, S]), ranks relabelled to the old ones.
+        """
+        ranks = self.ranks.copy()
+        ranks[self.rows, self.cols] = placed[self.rows, self.slot_of]
+        # Kept replicas go back to their old slot, the others fill their rank's free slots.
+        slots = _arrange_kept(self.experts, ranks, self.pref, self.spr)
+        if stuck.any():  # a rank given an expert twice: the general rule, then repair
+            slots[stuck] = _arrange(self.experts[stuck], ranks[stuck], old[stuck], self.spr)
+            failed = _repair_rows(slots, wrep, stuck, strict=False)
+            if failed.any():
+                slots[failed] = relabel_to_old(fresh(np.nonzero(failed)[0]), old[failed])
+        return slots
+
+
+def _lpt_joint(kept: _Kept, experts: np.ndarray, weights: np.ndarray, spr: int):
+    """One LPT loop for a sticky packing's moving replicas and for fresh problems.
+
+    kept: the sticky problems [B1]; experts, weights: [B2, R * S] fresh problems (every
+    replica, heaviest first). Rows are lined up longest first (fresh ones, then sticky
+    ones by how many replicas move), so ``_lpt`` needs no reordering. Returns placed [B1, m]
+    and stuck [B1] for kept, then rank, pos [B2, R * S] and stuck [B2] for the fresh ones.
+    """
+    fresh, width = experts.shape
+    batch, m = kept.moving.shape
+    width = max(width, m)
+    num_ranks = kept.key.shape[1]
+    order = np.argsort(-(kept.moving >= 0).sum(axis=1), kind="stable")
+    total = fresh + batch
+    all_experts = np.full((total, width), _EMPTY, dtype=np.int64)
+    all_experts[:fresh] = experts
+    all_experts[fresh:, :m] = kept.moving[order]
+    all_weights = np.zeros((total, width))
+    all_weights[:fresh] = weights
+    all_weights[fresh:, :m] = kept.moving_w[order]
+    key = np.zeros((total, num_ranks))
+    key[fresh:] = kept.key[order]
+    count = np.zeros((total, num_ranks), dtype=np.int64)
+    count[fresh:] = kept.count[order]
+    where = np.empty(batch, dtype=np.int64)
+    where[order] = np.arange(batch)  # sticky row -> its row among the sticky ones
+    held = np.zeros((width, batch, num_ranks), dtype=bool)  # item-major, as _lpt takes it
+    held[kept.slot_of, where[kept.rows]] = kept.held
+    rank, pos, stuck = _lpt(all_experts, all_weights, key, count, held, spr, held_from=fresh)
+    placed = rank[fresh:, :m][where]
+    return placed, stuck[fresh:][where], rank[:fresh], pos[:fresh], stuck[:fresh]
+
+
+def _arrange_kept(experts: np.ndarray, ranks: np.ndarray, pref: np.ndarray, spr: int) -> np.ndarray:
+    """``_arrange`` when the kept replicas are known: slots [B, R, S].
+
+    experts, ranks, pref: [B, k]; items with ``pref >= 0`` stay in that old global slot,
+    the others fill the free slots of their rank, lowest first, in item order. Same
+    result as ``_arrange`` when no other item lands on a rank that held its expert.
+    """
+    batch, width = experts.shape
+    num_ranks = width // spr
+    slots = np.full(batch * width, _EMPTY, dtype=np.int64)
     stay = pref >= 0
-    if stay.any():
-        sb, se, sr = rows[stay], experts[stay], ranks[stay]
-        np.add.at(load, (sb, sr), weights[stay])
-        np.add.at(count, (sb, sr), 1)
-        has[sb, se, sr] = True
-    # The rest, heaviest first, left-aligned per problem (padding -1 at the end).
-    move = ~stay
-    width = int(move.sum(axis=1).max()) if move.size else 0
-    if width:
-        order = np.argsort(~move, axis=1, kind="stable")[:, :width]
-        m_exp = np.take_along_axis(np.where(move, experts, _EMPTY), order, axis=1)
-        m_w = np.take_along_axis(weights, order, axis=1)
-        placed = _lpt(m_exp, m_w, load, count, has, spr)
-        np.put_along_axis(ranks, order, np.where(m_exp >= 0, placed, np.take_along_axis(ranks, order, 1)), axis=1)
-    slots = _arrange(experts, ranks, old, spr)
-    _repair_duplicates(slots, wrep)
-    return slots
+    slots[((np.arange(batch) * width)[:, None] + pref)[stay]] = experts[stay]
+    return _fill_free(slots, experts, ranks, ~stay, num_ranks, spr)
 
 
 def _match_positions(overlap: np.ndarray) -> np.ndarray:
     """Greedy maximum-overlap matching: perm[i] = old position given to new rank i. overlap: [R, R]."""
     size = overlap.shape[0]
-    perm = np.full(size, -1, dtype=np.int64)
-    used = np.zeros(size, dtype=bool)
+    perm = [-1] * size
+    used = [False] * size
     left = size
-    for flat in np.argsort(-overlap, axis=None, kind="stable"):
-        i, j = divmod(int(flat), size)
+    for flat in np.argsort(-overlap, axis=None, kind="stable").tolist():
+        i, j = divmod(flat, size)
         if perm[i] < 0 and not used[j]:
             perm[i] = j
             used[j] = True
             left -= 1
             if not left:
                 break
+    return np.array(perm, dtype=np.int64)
+
+
+def _match_positions_batch(overlap: np.ndarray) -> np.ndarray:
+    """``_match_positions`` for a batch [B, R, R] -> perm [B, R], vectorised over the batch.
+
+    The scan over entries in decreasing overlap (ties: lowest flat index) takes an entry
+    when its row and column are free; equivalently, R times, take the first largest entry
+    among free rows and columns.
+    """
+    batch, size, _ = overlap.shape
+    work = overlap.astype(np.float64)
+    perm = np.empty((batch, size), dtype=np.int64)
+    rows = np.arange(batch)
+    for _ in range(size):
+        i, j = np.divmod(work.reshape(batch, -1).argmax(axis=1), size)
+        perm[rows, i] = j
+        work[rows, i, :] = -np.inf
+        work[rows, :, j] = -np.inf
     return perm
+
+
+def _match_groups(overlap: np.ndarray, groups: Optional[np.ndarray]) -> np.ndarray:
+    """Greedy maximum-overlap matching of ranks, only within groups: perm [B, R].
+
+    overlap: [B, R, R]; groups: [R] or None (one group). Groups are independent, so with
+    groups of equal size each group's block is matched on its own (positions in order).
+    """
+    batch, size, _ = overlap.shape
+    if groups is not None:
+        ids, inv = np.unique(groups, return_inverse=True)
+        sizes = np.bincount(inv.ravel())
+        if len(ids) > 1 and (sizes == sizes[0]).all():
+            pos = np.argsort(inv.ravel(), kind="stable").reshape(len(ids), -1)  # [G, g] increasing
+            g = pos.shape[1]
+            blocks = overlap[:, pos[:, :, None], pos[:, None, :]].reshape(-1, g, g)  # [B * G, g, g]
+            local = _match_positions_batch(blocks).reshape(batch, len(ids), g)
+            perm = np.empty((batch, size), dtype=np.int64)
+            perm[:, pos] = pos[np.arange(len(ids))[:, None], local]
+            return perm
+        same = groups[:, None] == groups[None, :]
+        overlap = np.where(same[None], overlap + 1, -1)  # never match across groups
+    if batch >= 4:
+        return _match_positions_batch(overlap)
+    return np.stack([_match_positions(o) for o in overlap]) if batch else np.empty((0, size), dtype=np.int64)
+
+
+def _replica_counts(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+    """Replicas per expert of placements phy2log [B, P]: [B, num_experts] float."""
+    batch = phy2log.shape[0]
+    at = (np.arange(batch) * num_experts)[:, None] + phy2log
+    return np.bincount(at.ravel(), minlength=batch * num_experts).reshape(batch, num_experts).astype(np.float64)
 
 
 def max_rank_load_of(phy2log: np.ndarray, load: np.ndarray, num_ranks: int, spr: int) -> np.ndarray:
     """Max rank load per layer of a placement phy2log [L, P] under load [L, E]: [L]."""
     num_layers, num_experts = load.shape
-    cnt = np.zeros((num_layers, num_experts))
-    np.add.at(cnt, (np.repeat(np.arange(num_layers), phy2log.shape[1]), phy2log.ravel()), 1)
-    wrep = load / np.maximum(cnt, 1)
+    wrep = load / np.maximum(_replica_counts(phy2log, num_experts), 1)
     return _slot_loads(phy2log.reshape(num_layers, num_ranks, spr), wrep).max(axis=1)
 
 
@@ -291,21 +682,20 @@ def relabel_to_old(slots: np.ndarray, old: np.ndarray, groups: Optional[np.ndarr
     """
     batch, num_ranks, spr = slots.shape
     n = int(max(slots.max(), old.max())) + 2
-    new_has = np.zeros((batch, num_ranks, n), dtype=np.int64)
-    old_has = np.zeros((batch, num_ranks, n), dtype=np.int64)
-    np.put_along_axis(new_has, slots, 1, axis=2)
-    np.put_along_axis(old_has, np.where(old >= 0, old, n - 1), 1, axis=2)
-    old_has[:, :, n - 1] = 0
-    overlap = new_has @ old_has.transpose(0, 2, 1)  # [B, new R, old R]
-    if groups is not None:
-        same = groups[:, None] == groups[None, :]
-        overlap = np.where(same[None], overlap + 1, -1)  # never match across groups
+    # 0/1 indicators as floats: the product (BLAS) counts exactly.
+    base = (np.arange(batch * num_ranks) * n)[:, None]  # one row of n per (problem, rank)
+    new_has = np.zeros((batch, num_ranks, n))
+    old_has = np.zeros((batch, num_ranks, n))
+    new_has.ravel()[base + slots.reshape(-1, spr)] = 1.0
+    old_has.ravel()[base + np.where(old >= 0, old, n - 1).reshape(-1, spr)] = 1.0
+    old_has[:, :, n - 1] = 0.0
+    overlap = (new_has @ old_has.transpose(0, 2, 1)).astype(np.int64)  # [B, new R, old R]
+    perm = _match_groups(overlap, groups)
     moved = np.empty_like(slots)
-    for b in range(batch):
-        moved[b, _match_positions(overlap[b])] = slots[b]
+    moved[np.arange(batch)[:, None], perm] = slots
     experts = moved.reshape(batch, -1)
-    ranks = np.broadcast_to(np.repeat(np.arange(num_ranks), spr), experts.shape)
-    return _arrange(experts, np.ascontiguousarray(ranks), old, spr)
+    ranks = np.broadcast_to(_slot_ranks(num_ranks, spr), experts.shape)
+    return _arrange(experts, ranks, old, spr)
 
 
 def improve_by_swaps(
@@ -324,47 +714,82 @@ def improve_by_swaps(
     m = min(pairs, num_ranks // 2)
     if m <= 0:
         return swaps
-    w = np.take_along_axis(wrep, slots.reshape(batch, -1), axis=1).reshape(slots.shape)
+    work = np.ascontiguousarray(slots)
+    w = np.take_along_axis(wrep, work.reshape(batch, -1), axis=1).reshape(slots.shape)  # slot loads
     load = w.sum(axis=2)
+    # Flat views: one row per (problem, rank) for slots and loads.
+    s2, w2, l1 = work.reshape(-1, spr), w.reshape(-1, spr), load.ravel()
+    # Which experts each rank holds, as a 64-bit mask when expert ids allow it.
+    bits = _expert_bits(s2) if wrep.shape[1] <= 64 and work.min() >= 0 else None
     act = np.nonzero(load.max(axis=1) > target)[0]
     for _ in range(max_rounds):
         if not len(act):
             break
-        sl, ww, ld = slots[act], w[act], load[act]
-        rank_order = np.argsort(ld, axis=1, kind="stable")
-        hot, cold = rank_order[:, ::-1][:, :m], rank_order[:, :m]  # [A, m]
-        ea = np.take_along_axis(sl, hot[:, :, None], axis=1)  # [A, m, S]
-        wa = np.take_along_axis(ww, hot[:, :, None], axis=1)
-        eb = np.take_along_axis(sl, cold[:, :, None], axis=1)
-        wb = np.take_along_axis(ww, cold[:, :, None], axis=1)
-        la = np.take_along_axis(ld, hot, axis=1)  # [A, m]
-        lb = np.take_along_axis(ld, cold, axis=1)
-        d = wa[:, :, :, None] - wb[:, :, None, :]  # [A, m, S(a), S(b)]
-        new_max = np.maximum(la[:, :, None, None] - d, lb[:, :, None, None] + d)
-        b_on_hot = (eb[:, :, :, None] == ea[:, :, None, :]).any(axis=3)  # [A, m, S(b)]
-        a_on_cold = (ea[:, :, :, None] == eb[:, :, None, :]).any(axis=3)  # [A, m, S(a)]
-        bad = (d <= 0) | b_on_hot[:, :, None, :] | a_on_cold[:, :, :, None]
-        new_max = np.where(bad, np.inf, new_max).reshape(len(act), m, spr * spr)
-        best = new_max.argmin(axis=2)  # [A, m]
-        best_val = np.take_along_axis(new_max, best[:, :, None], axis=2)[:, :, 0]
-        tgt = target[act][:, None]
-        do = (best_val < la - 1e-12 * np.maximum(la, 1.0)) & (la > tgt) & (hot != cold)
+        rank_order = np.argsort(load[act], axis=1, kind="stable")
+        base = (act * num_ranks)[:, None]
+        hot = base + rank_order[:, : -m - 1 : -1]  # [A, m] flat (problem, rank) of the i-th hottest
+        cold = base + rank_order[:, :m]  # ... and of the i-th coldest
+        la = l1[hot]
+        over = la > target[act][:, None]  # only pairs whose hot rank is over target can swap
+        hot, cold, la = hot[over], cold[over], la[over]  # [Q]
+        ea, wa, eb, wb = s2[hot], w2[hot], s2[cold], w2[cold]
+        # A swap may not put an expert on a rank that has it: rule those slots out.
+        if bits is None:
+            same = ea[:, :, None] == eb[:, None, :]
+            a_on_cold, b_on_hot = same.any(axis=2), same.any(axis=1)
+        else:
+            a_on_cold = (bits[cold][:, None] >> ea.astype(np.uint64)) & np.uint64(1) != 0
+            b_on_hot = (bits[hot][:, None] >> eb.astype(np.uint64)) & np.uint64(1) != 0
+        best, best_val = _best_swaps(
+            np.where(a_on_cold, -np.inf, wa), np.where(b_on_hot, np.inf, wb), la, l1[cold]
+        )
+        do = best_val < la - 1e-12 * np.maximum(la, 1.0)
         if not do.any():
             break
-        ai, pi = np.nonzero(do)
-        b = act[ai]
-        ra, rb = hot[ai, pi], cold[ai, pi]
-        ia, jb = np.divmod(best[ai, pi], spr)
-        ea_v, wa_v = slots[b, ra, ia].copy(), w[b, ra, ia].copy()
-        slots[b, ra, ia], w[b, ra, ia] = slots[b, rb, jb], w[b, rb, jb]
-        slots[b, rb, jb], w[b, rb, jb] = ea_v, wa_v
-        delta = wa_v - w[b, ra, ia]
-        np.subtract.at(load, (b, ra), delta)
-        np.add.at(load, (b, rb), delta)
-        np.add.at(swaps, b, 1)
-        moved = np.unique(b)
+        ra, rb, best = hot[do], cold[do], best[do]
+        ia, jb = np.divmod(best, spr)
+        ea_v, wa_v = s2[ra, ia], w2[ra, ia]
+        eb_v = s2[rb, jb]
+        s2[ra, ia], w2[ra, ia] = eb_v, w2[rb, jb]
+        s2[rb, jb], w2[rb, jb] = ea_v, wa_v
+        if bits is not None:
+            flip = (np.uint64(1) << ea_v.astype(np.uint64)) ^ (np.uint64(1) << eb_v.astype(np.uint64))
+            bits[ra] ^= flip
+            bits[rb] ^= flip
+        delta = wa_v - w2[ra, ia]
+        l1[ra] -= delta
+        l1[rb] += delta
+        b = ra // num_ranks  # sorted: act is
+        swaps += np.bincount(b, minlength=batch)
+        moved = b[np.concatenate(([True], b[1:] != b[:-1]))]
         act = moved[load[moved].max(axis=1) > target[moved]]
+    if work is not slots:
+        slots[...] = work
     return swaps
+
+
+def _expert_bits(slots: np.ndarray) -> np.ndarray:
+    """Experts held per rank as a bit mask: slots [M, S] of ids in [0, 64) -> [M] uint64."""
+    return np.bitwise_or.reduce(np.uint64(1) << slots.astype(np.uint64), axis=1)
+
+
+def _best_swaps(wa: np.ndarray, wb: np.ndarray, la: np.ndarray, lb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best single swap between a hot rank a and a cold rank b, per pair.
+
+    wa, wb: [Q, S] slot loads of the hot / cold rank, -inf / +inf for slots that may not
+    move (their expert is on the other rank already); la, lb: [Q] the two rank loads.
+    Swapping slot i of a with slot j of b (flat index i * S + j) gives new loads
+    ``la - d`` and ``lb + d`` with ``d = wa[i] - wb[j]``; its value is the larger one.
+    Returns the best flat index [Q] and its value [Q]. A swap must move load from a to b
+    (d > 0): the others are not masked, as their value is at least ``la`` (so they never
+    beat a swap that lowers the pair's max, and callers only make such swaps).
+    """
+    q, spr = wa.shape
+    d = (wa[:, :, None] - wb[:, None, :]).reshape(q, spr * spr)  # [Q, S(a) * S(b)]
+    new_max = np.subtract(la[:, None], d)
+    np.maximum(new_max, np.add(lb[:, None], d), out=new_max)
+    best = new_max.argmin(axis=1)
+    return best, new_max[np.arange(q), best]
 
 
 def solve(
@@ -374,41 +799,121 @@ def solve(
     spr: int,
     sticky: bool,
     tolerance: float,
-) -> np.ndarray:
-    """Place n experts (loads weight: [B, n]) on R ranks of S slots: returns slots [B, R, S]."""
-    cnt = replicate(weight, num_ranks * spr, num_ranks)
+    extra: Optional[np.ndarray] = None,
+    group: int = 0,
+):
+    """Place n experts (loads weight: [B, n]) on R ranks of S slots: returns slots [B, R, S].
+
+    extra: optional [B2, n] further problems to place by eplb (from scratch). They are
+    packed in the same batch as sticky's eplb reference (one LPT loop for both; a row
+    equal to one of ``weight`` is packed once), and ``(slots, extra_slots, slots_max,
+    extra_max)`` is returned, with the max rank load of every row: [B], [B2].
+    group: with ``extra``, the rows of weight and of extra come in aligned groups of this
+    many (the nodes of one layer), and only a group's largest max rank load matters: a
+    sticky row then only has to be within tolerance of the larger of its own eplb
+    packing and the group's largest extra (eplb) packing. 0: every row on its own.
+    """
+    rows = len(weight)
+    twin = own = None
+    if extra is not None:
+        twin = _same_rows(extra, weight)  # [B2]: an identical row of weight, or -1
+        own = extra[twin < 0]
+    both = weight if own is None else np.concatenate([weight, own])
+    cnt_all = replicate(both, num_ranks * spr, num_ranks)
     if not sticky or old is None:
-        return pack(weight, cnt, num_ranks, spr)
+        fresh = pack(both, cnt_all, num_ranks, spr)
+        if extra is None:
+            return fresh
+        fresh_max = _slot_loads(fresh, both / cnt_all).max(axis=1)
+        x_rows = np.where(twin >= 0, twin, rows + np.cumsum(twin < 0) - 1)  # extra row -> fresh row
+        return fresh[:rows], fresh[x_rows], fresh_max[:rows], fresh_max[x_rows]
+    cnt = cnt_all[:rows]
     wrep = weight / cnt
+    items = _sorted_experts(cnt, wrep)
     # A lower bound on any packing's max rank load: within tolerance of it is within
     # tolerance of eplb too, so eplb itself is only computed where the bound is missed.
     lower = np.maximum(weight.sum(axis=1) / num_ranks, wrep.max(axis=1))
     # Step 1: keep every replica that can stay; pack only the rest (new replicas, lost ones).
-    slots = pack(weight, cnt, num_ranks, spr, old)
+    extra_slots = fresh = None
+    if extra is None:
+        slots = pack(weight, cnt, num_ranks, spr, old, items)
+    else:
+        # The extra problems need an LPT loop over every slot anyway: run the sticky
+        # packing and eplb's packing of every row (the references) in that same loop.
+        f_exp, f_w, f_wrep = items[0], items[1], wrep
+        if len(own):
+            own_cnt = cnt_all[rows:]
+            own_wrep = own / own_cnt
+            own_exp, own_w, _ = _sorted_experts(own_cnt, own_wrep)
+            f_exp, f_w = np.concatenate([f_exp, own_exp]), np.concatenate([f_w, own_w])
+            f_wrep = np.concatenate([wrep, own_wrep])
+        kept = _Kept.prepare(cnt, wrep, items, old, num_ranks, spr)
+        placed, stuck, rank, pos, f_stuck = _lpt_joint(kept, f_exp, f_w, spr)
+        fresh = _fresh_slots(f_exp, rank, pos, f_stuck, f_wrep, num_ranks, spr)
+        slots = kept.finish(placed, stuck, wrep, old, lambda idx: fresh[idx])
+        fresh_max = _slot_loads(fresh, f_wrep).max(axis=1)
+        x_rows = np.where(twin >= 0, twin, rows + np.cumsum(twin < 0) - 1)  # extra row -> fresh row
+        extra_slots = fresh[x_rows]
     got = _slot_loads(slots, wrep).max(axis=1)
     need = np.nonzero(got > lower * (1 + tolerance))[0]
+    if fresh is not None:
+        ref_slots = fresh[need]
+        ref = fresh_max[need]
+    elif len(need):
+        ref_slots = _pack_fresh(items[0][need], items[1][need], wrep[need], num_ranks, spr)
+        ref = _slot_loads(ref_slots, wrep[need]).max(axis=1)
+
+    def result():
+        return slots if extra is None else (slots, extra_slots, got, fresh_max[x_rows])
+
     if not len(need):
-        return slots
+        return result()
     # Step 2: where the bound is missed, compare with eplb itself; a placement already
     # within tolerance of eplb stays as it is (so the same load twice moves nothing).
-    ref_slots = pack(weight[need], cnt[need], num_ranks, spr)
-    ref = _slot_loads(ref_slots, wrep[need]).max(axis=1)
+    if group and extra is not None:
+        # Only the group's largest max rank load counts: any row under eplb's is fine.
+        ref = np.maximum(ref, np.repeat(fresh_max[x_rows].reshape(-1, group).max(axis=1), group)[need])
     accept = ref * (1 + tolerance)
     todo = got[need] > accept
     if not todo.any():
-        return slots
+        return result()
     idx, ref_slots, target = need[todo], ref_slots[todo], accept[todo]
     # Step 3: swap replicas off the hottest ranks until comfortably within tolerance of eplb.
     sub = slots[idx]
     improve_by_swaps(sub, wrep[idx], ref[todo] * (1 + tolerance / 2), max_rounds=4 * num_ranks)
-    ranks_of = np.broadcast_to(np.repeat(np.arange(num_ranks), spr), (len(idx), num_ranks * spr))
-    sub = _arrange(sub.reshape(len(idx), -1), np.ascontiguousarray(ranks_of), old[idx], spr)
+    ranks_of = np.broadcast_to(_slot_ranks(num_ranks, spr), (len(idx), num_ranks * spr))
+    sub = _arrange(sub.reshape(len(idx), -1), ranks_of, old[idx], spr)
     # Step 4: what swaps could not fix takes eplb's packing, ranks relabelled to the old ones.
-    worse = _slot_loads(sub, wrep[idx]).max(axis=1) > target
+    sub_max = _slot_loads(sub, wrep[idx]).max(axis=1)
+    worse = sub_max > target
     if worse.any():
         sub[worse] = relabel_to_old(ref_slots[worse], old[idx][worse])
+        sub_max[worse] = _slot_loads(sub[worse], wrep[idx[worse]]).max(axis=1)
     slots[idx] = sub
-    return slots
+    got = got.copy()
+    got[idx] = sub_max
+    return result()
+
+
+def _same_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each row of a [A, n], the index of a row of b [B, n] with the same values, or -1.
+
+    Rows are matched by a hash (a fixed random projection) and then compared exactly; a
+    row whose twin is missed is only packed twice, with the same result.
+    """
+    if a is b:
+        return np.arange(len(a))
+    out = np.full(len(a), -1, dtype=np.int64)
+    if not len(a) or not len(b):
+        return out
+    mix = np.random.default_rng(0).random(a.shape[1])  # fixed: a hash, not randomness
+    ha, hb = a @ mix, b @ mix
+    order = np.argsort(hb, kind="stable")
+    at = np.minimum(np.searchsorted(hb[order], ha), len(b) - 1)
+    cand = order[at]
+    hit = (hb[cand] == ha) & (a == b[cand]).all(axis=1)
+    out[hit] = cand[hit]
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -476,38 +981,30 @@ class BalancePolicy(ABC):
             slots = solve(load, old_slots, len(ranks), spr, self.sticky, req.tolerance)
             phy2log = slots.reshape(num_layers, -1)
         else:
-            phy2log = self._place_hierarchical(load, old_slots, nodes, req.num_groups, spr, req.tolerance)
             if self.sticky and old_slots is not None:
-                phy2log = self._within_tolerance(load, phy2log, old_slots, nodes, req, spr)
+                phy2log, ref, got, ref_max = self._place_hierarchical(
+                    load, old_slots, nodes, req.num_groups, spr, req.tolerance, with_ref=True
+                )
+                phy2log = self._within_tolerance(load, phy2log, old_slots, nodes, req, spr, ref, got, ref_max)
+            else:
+                phy2log = self._place_hierarchical(load, old_slots, nodes, req.num_groups, spr, req.tolerance)
         return ExpertLayout(phy2log, spr, num_experts, ranks, nodes)
 
-    def _within_tolerance(self, load, phy2log, old_slots, nodes, req, spr) -> np.ndarray:
+    def _within_tolerance(self, load, phy2log, old_slots, nodes, req, spr, ref, got, ref_max) -> np.ndarray:
         """Per layer, keep the sticky hierarchical placement only if its max rank load is within
-        tolerance of eplb's; otherwise take eplb's, ranks relabelled to the old layout (within nodes)."""
-        num_layers, num_experts = load.shape
+        tolerance of eplb's; otherwise take eplb's, ranks relabelled to the old layout (within
+        nodes). ref: eplb's phy2log [L, P]; got, ref_max: max rank load per layer [L] of the
+        sticky placement and of eplb's."""
         num_ranks = len(nodes)
-
-        def max_rank_load(p2l: np.ndarray) -> np.ndarray:
-            cnt = np.zeros((num_layers, num_experts))
-            np.add.at(cnt, (np.repeat(np.arange(num_layers), p2l.shape[1]), p2l.ravel()), 1)
-            wrep = load / np.maximum(cnt, 1)
-            return _slot_loads(p2l.reshape(num_layers, num_ranks, spr), wrep).max(axis=1)
-
-        got = max_rank_load(phy2log)
         lower = load.sum(axis=1) / num_ranks
-        check = np.nonzero(got > lower * (1 + req.tolerance))[0]
-        if not len(check):
+        worse = (got > lower * (1 + req.tolerance)) & (got > ref_max * (1 + req.tolerance))
+        if not worse.any():
             return phy2log
-        ref = EplbPolicy()._place_hierarchical(load[check], None, nodes, req.num_groups, spr, req.tolerance)
-        sub = phy2log[check]
-        worse = got[check] > max_rank_load_of(ref, load[check], num_ranks, spr) * (1 + req.tolerance)
-        if worse.any():
-            fixed = relabel_to_old(
-                ref[worse].reshape(-1, num_ranks, spr), old_slots[check][worse], groups=np.asarray(nodes)
-            )
-            sub[worse] = fixed.reshape(int(worse.sum()), -1)
-            phy2log = phy2log.copy()
-            phy2log[check] = sub
+        fixed = relabel_to_old(
+            ref[worse].reshape(-1, num_ranks, spr), old_slots[worse], groups=np.asarray(nodes)
+        )
+        phy2log = phy2log.copy()
+        phy2log[worse] = fixed.reshape(int(worse.sum()), -1)
         return phy2log
 
     @staticmethod
@@ -529,8 +1026,13 @@ class BalancePolicy(ABC):
                 out[:, i, :] = view[:, old.position(r), :]
         return out
 
-    def _place_hierarchical(self, load, old_slots, nodes, num_groups, spr, tolerance) -> np.ndarray:
-        """Step 1: groups to nodes. Steps 2-3: replicate and pack within each node."""
+    def _place_hierarchical(self, load, old_slots, nodes, num_groups, spr, tolerance, with_ref=False):
+        """Step 1: groups to nodes. Steps 2-3: replicate and pack within each node.
+
+        Returns phy2log [L, R * S]. With ``with_ref``, returns (phy2log, eplb's hierarchical
+        phy2log of the same load, and the max rank load per layer of both: [L], [L]); eplb's
+        problems are packed in the same batches as the references sticky needs anyway.
+        """
         num_layers, num_experts = load.shape
         node_ids = sorted(set(nodes))
         num_nodes = len(node_ids)
@@ -539,68 +1041,92 @@ class BalancePolicy(ABC):
         groups_per_node = num_groups // num_nodes
         group_load = load.reshape(num_layers, num_groups, group_size).sum(axis=2)
         # Step 1: pack groups onto nodes (each node gets groups_per_node groups).
-        positions = [np.nonzero(np.asarray(nodes) == n)[0] for n in node_ids]  # rank positions per node
+        node_of = np.asarray(nodes)
+        positions = np.concatenate([np.nonzero(node_of == n)[0] for n in node_ids])  # rank positions, node by node
         old_groups = None
         if self.sticky and old_slots is not None:
-            old_groups = _old_group_nodes(old_slots, positions, num_groups, group_size, groups_per_node)
+            old_groups = _old_group_nodes(old_slots, positions, num_nodes, num_groups, group_size, groups_per_node)
         # Groups are packed like experts with one replica each: sticky keeps a group on its node.
-        placed = solve(group_load, old_groups, num_nodes, groups_per_node, self.sticky, tolerance)
-        gnode = np.empty((num_layers, num_groups), dtype=np.int64)
-        np.put_along_axis(
-            gnode, placed.reshape(num_layers, -1), np.repeat(np.arange(num_nodes), groups_per_node)[None, :], axis=1
-        )
-        # experts of each node, in group order: [L, N, groups_per_node * group_size]
-        order = np.argsort(gnode, axis=1, kind="stable")  # [L, G]
-        node_groups = order.reshape(num_layers, num_nodes, groups_per_node)
-        node_experts = (node_groups[..., None] * group_size + np.arange(group_size)).reshape(
-            num_layers, num_nodes, -1
-        )
+        placed = solve(group_load, old_groups, num_nodes, groups_per_node, self.sticky, tolerance,
+                       extra=group_load if with_ref else None)
+        if with_ref:
+            placed, ref_placed = placed[:2]
+        node_experts = _node_experts(placed, num_groups, group_size)  # [L, N, n_local]
         n_local = node_experts.shape[2]
-        weight = np.take_along_axis(load, node_experts.reshape(num_layers, -1), axis=1).reshape(
-            num_layers * num_nodes, n_local
-        )
+        weight = _gather_rows(load, node_experts.reshape(num_layers, -1)).reshape(num_layers * num_nodes, n_local)
         old_local = None
         if old_slots is not None:
             # Map each node's old slots to local ids; experts not owned by the node cannot stay.
-            old_local = np.full((num_layers, num_nodes, per_node, spr), _EMPTY, dtype=np.int64)
-            to_local = np.full((num_layers, num_nodes, num_experts + 1), _EMPTY, dtype=np.int64)
-            ll = np.arange(num_layers)[:, None, None]
-            nn = np.arange(num_nodes)[None, :, None]
-            to_local[ll, nn, node_experts] = np.arange(n_local)[None, None, :]
-            for k, pos in enumerate(positions):
-                held = old_slots[:, pos, :]
-                idx = np.where(held >= 0, held, num_experts)
-                old_local[:, k] = np.take_along_axis(
-                    to_local[:, k, :], idx.reshape(num_layers, -1), axis=1
-                ).reshape(held.shape)
+            to_local = np.full((num_layers * num_nodes, num_experts + 1), _EMPTY, dtype=np.int64)
+            to_local[np.arange(num_layers * num_nodes)[:, None], node_experts.reshape(-1, n_local)] = np.arange(n_local)
+            held = old_slots[:, positions, :].reshape(num_layers * num_nodes, per_node * spr)
+            old_local = _gather_rows(to_local, np.where(held >= 0, held, num_experts))
             old_local = old_local.reshape(num_layers * num_nodes, per_node, spr)
-        slots = solve(weight, old_local, per_node, spr, self.sticky, tolerance)
-        slots = slots.reshape(num_layers, num_nodes, per_node, spr)
-        glob = np.take_along_axis(
-            node_experts[:, :, None, :].repeat(per_node, axis=2).reshape(num_layers, num_nodes, per_node, n_local),
-            slots,
-            axis=3,
+        ref_experts = ref_weight = None
+        if with_ref:
+            ref_experts = _node_experts(ref_placed, num_groups, group_size)
+            ref_weight = _gather_rows(load, ref_experts.reshape(num_layers, -1)).reshape(weight.shape)
+        slots = solve(weight, old_local, per_node, spr, self.sticky, tolerance, extra=ref_weight, group=num_nodes)
+        if not with_ref:
+            return _node_slots_to_global(slots, node_experts, positions)
+        slots, ref_slots, slots_max, ref_max = slots
+        # Layer max rank loads: the largest over the layer's nodes.
+        return (
+            _node_slots_to_global(slots, node_experts, positions),
+            _node_slots_to_global(ref_slots, ref_experts, positions),
+            slots_max.reshape(num_layers, num_nodes).max(axis=1),
+            ref_max.reshape(num_layers, num_nodes).max(axis=1),
         )
-        out = np.empty((num_layers, len(nodes), spr), dtype=np.int64)
-        for k, pos in enumerate(positions):
-            out[:, pos, :] = glob[:, k]
-        return out.reshape(num_layers, -1)
 
 
-def _old_group_nodes(old_slots, positions, num_groups, group_size, groups_per_node) -> np.ndarray:
+def _gather_rows(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``np.take_along_axis(values, idx, axis=1)`` for 2-d values [B, m] and idx [B, k]."""
+    rows, width = values.shape
+    return np.ascontiguousarray(values).ravel()[(np.arange(rows) * width)[:, None] + idx]
+
+
+def _node_experts(placed: np.ndarray, num_groups: int, group_size: int) -> np.ndarray:
+    """Experts of each node, in group order: [L, N, groups_per_node * group_size].
+
+    placed: [L, N, groups_per_node] the groups packed onto each node.
+    """
+    num_layers, num_nodes, groups_per_node = placed.shape
+    gnode = np.empty((num_layers, num_groups), dtype=np.int64)
+    gnode[np.arange(num_layers)[:, None], placed.reshape(num_layers, -1)] = np.repeat(
+        np.arange(num_nodes), groups_per_node
+    )
+    order = np.argsort(gnode, axis=1, kind="stable")  # [L, G]: groups node by node, ascending
+    node_groups = order.reshape(num_layers, num_nodes, groups_per_node)
+    return (node_groups[..., None] * group_size + np.arange(group_size)).reshape(num_layers, num_nodes, -1)
+
+
+def _node_slots_to_global(slots: np.ndarray, node_experts: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Per-node packings of local expert ids to phy2log [L, R * S] of global ids.
+
+    slots: [L * N, per_node, S]; node_experts: [L, N, n_local]; positions: [R] rank
+    positions of the nodes' ranks, node by node.
+    """
+    num_layers, num_nodes, n_local = node_experts.shape
+    _, per_node, spr = slots.shape
+    glob = _gather_rows(node_experts.reshape(-1, n_local), slots.reshape(num_layers * num_nodes, -1))
+    out = np.empty((num_layers, len(positions), spr), dtype=np.int64)
+    out[:, positions, :] = glob.reshape(num_layers, num_nodes * per_node, spr)
+    return out.reshape(num_layers, -1)
+
+
+def _old_group_nodes(old_slots, positions, num_nodes, num_groups, group_size, groups_per_node) -> np.ndarray:
     """Which groups each node held before: [L, N, groups_per_node] (-1 where none).
 
-    A group belongs to the node holding most of its replicas; a node claiming more than
-    ``groups_per_node`` groups keeps those it holds most replicas of.
+    positions: [R] rank positions node by node. A group belongs to the node holding most
+    of its replicas; a node claiming more than ``groups_per_node`` groups keeps those it
+    holds most replicas of.
     """
     num_layers = old_slots.shape[0]
-    num_nodes = len(positions)
-    count = np.zeros((num_layers, num_groups + 1, num_nodes), dtype=np.int64)
-    for k, pos in enumerate(positions):
-        held = old_slots[:, pos, :].reshape(num_layers, -1)
-        grp = np.where(held >= 0, held // group_size, num_groups)
-        np.add.at(count[:, :, k], (np.repeat(np.arange(num_layers), grp.shape[1]), grp.ravel()), 1)
-    count = count[:, :num_groups]  # [L, G, N]
+    held = old_slots[:, positions, :].reshape(num_layers, num_nodes, -1)
+    grp = np.where(held >= 0, held // group_size, num_groups)
+    at = (np.arange(num_layers)[:, None, None] * (num_groups + 1) + grp) * num_nodes + np.arange(num_nodes)[:, None]
+    count = np.bincount(at.ravel(), minlength=num_layers * (num_groups + 1) * num_nodes)
+    count = count.reshape(num_layers, num_groups + 1, num_nodes)[:, :num_groups]  # [L, G, N]
     owner = count.argmax(axis=2)  # [L, G]
     strength = np.take_along_axis(count, owner[:, :, None], axis=2)[:, :, 0]
     out = np.full((num_layers, num_nodes, groups_per_node), _EMPTY, dtype=np.int64)

@@ -184,23 +184,21 @@ def plan_transfers(
 
     num_layers, num_experts = new.num_layers, new.num_experts
     spr_new = new.slots_per_rank
-    # holder[l, e, i] = local slot of expert e on old rank position i, if that rank is live.
-    old_view = old.rank_view()
+    old_view = old.rank_view()  # [L, R_old, S_old]
     old_live = np.array([r in live for r in old.ranks], dtype=bool)
-    holder = np.full((num_layers, num_experts, old.num_ranks), -1, dtype=np.int64)
-    ll, ii, ss = np.nonzero(np.broadcast_to(old_live[None, :, None], old_view.shape))
-    holder[ll, old_view[ll, ii, ss], ii] = ss
+    # holder[l * E + e, i] = 1 + local slot of expert e on old rank position i if that rank
+    # is live, else 0.
+    holder = _holders(old_view, old_live, num_experts)
 
-    # Step 1: classify every new slot.
+    # Step 1: classify every new slot by where its rank holds the expert now (-1: nowhere).
     new_view = new.rank_view()  # [L, R_new, S]
     old_pos_of_new = np.array(
         [old.ranks.index(r) if (r in live) else -1 for r in new.ranks], dtype=np.int64
     )
-    rows_l = np.arange(num_layers)[:, None, None]
-    has_old = old_pos_of_new >= 0
+    rows_e = (np.arange(num_layers) * num_experts)[:, None, None]
     own_slot = np.where(
-        has_old[None, :, None],
-        holder[rows_l, new_view, np.maximum(old_pos_of_new, 0)[None, :, None]],
+        (old_pos_of_new >= 0)[None, :, None],
+        holder[rows_e + new_view, np.maximum(old_pos_of_new, 0)[None, :, None]].astype(np.int64) - 1,
         -1,
     )  # [L, R_new, S]: where this rank holds the expert now, or -1
     local_idx = np.arange(spr_new)[None, None, :]
@@ -221,7 +219,7 @@ def plan_transfers(
     nl, nr, ns = np.nonzero(need)
     ne = new_view[nl, nr, ns]
     key = (nl * new.num_ranks + nr) * num_experts + ne
-    order = np.lexsort((ns, key))
+    order = _lexsort((ns, key), unique=True)
     key_sorted = key[order]
     first = np.ones(len(order), dtype=bool)
     first[1:] = key_sorted[1:] != key_sorted[:-1]
@@ -240,35 +238,44 @@ def plan_transfers(
     dst_rank = np.asarray(new.ranks, dtype=np.int64)[pr]
 
     # Step 3: receive from a live holder, or fetch when there is none.
-    cand = holder[pl, pe, :]  # [N, R_old] local slot per old rank position, -1 if not held
-    held = cand >= 0
-    has_source = held.any(axis=1)
-    fetches = np.stack([pl, pe, dst_rank, ps], axis=1)[~has_source]
-
-    recv_idx = np.nonzero(has_source)[0]
-    old_ranks = np.asarray(old.ranks, dtype=np.int64)
+    need_row = pl * num_experts + pe  # row of holder for each needed (layer, expert)
     old_nodes = np.asarray(old.rank_nodes, dtype=np.int64)
     new_nodes = np.asarray(new.rank_nodes, dtype=np.int64)
-    src_pos = _choose_sources(
-        held[recv_idx], new_nodes[pr[recv_idx]], old_nodes, expert_bytes, pl[recv_idx], pe[recv_idx]
-    )
+    if old.num_ranks <= _MAX_MASK_RANKS:
+        # held[i]: bit p set if live old rank position p holds the i-th needed expert.
+        held = _holder_bits(old_view, old_live, num_experts)[need_row]
+        has_source = held != 0
+        recv_idx = np.nonzero(has_source)[0]
+        src_pos = _choose_sources_bits(
+            held[recv_idx], new_nodes[pr[recv_idx]], old_nodes, pl[recv_idx], pe[recv_idx]
+        )
+    else:
+        held = holder[need_row] > 0  # [N, R_old]
+        has_source = held.any(axis=1)
+        recv_idx = np.nonzero(has_source)[0]
+        src_pos = _choose_sources(
+            held[recv_idx], new_nodes[pr[recv_idx]], old_nodes, expert_bytes, pl[recv_idx], pe[recv_idx]
+        )
+    fetches = np.stack([pl, pe, dst_rank, ps], axis=1)[~has_source]
+    old_ranks = np.asarray(old.ranks, dtype=np.int64)
     transfers = np.empty((len(recv_idx), 7), dtype=np.int64)
     transfers[:, LAYER] = pl[recv_idx]
     transfers[:, EXPERT] = pe[recv_idx]
     transfers[:, SRC] = old_ranks[src_pos]
-    transfers[:, SRC_SLOT] = cand[recv_idx, src_pos]
+    transfers[:, SRC_SLOT] = holder[need_row[recv_idx], src_pos].astype(np.int64) - 1
     transfers[:, DST] = dst_rank[recv_idx]
     transfers[:, DST_SLOT] = ps[recv_idx]
     transfers[:, STAGE] = 0
     num_stages = _assign_stages(transfers)
     transfers = transfers[
-        np.lexsort(
-            (transfers[:, EXPERT], transfers[:, LAYER], transfers[:, DST], transfers[:, SRC], transfers[:, STAGE])
+        _lexsort(
+            (transfers[:, EXPERT], transfers[:, LAYER], transfers[:, DST], transfers[:, SRC], transfers[:, STAGE]),
+            unique=True,  # one receive per (layer, expert, destination)
         )
     ]
     copies_arr = np.concatenate(copies) if copies else np.empty((0, 5), dtype=np.int64)
     if len(copies_arr):
-        copies_arr = copies_arr[np.lexsort((copies_arr[:, 3], copies_arr[:, 0], copies_arr[:, 1]))]
+        copies_arr = copies_arr[_lexsort((copies_arr[:, 3], copies_arr[:, 0], copies_arr[:, 1]), unique=True)]
 
     bytes_sent = _per_rank(transfers[:, SRC], sorted(live), expert_bytes)
     bytes_received = _per_rank(transfers[:, DST], new.ranks, expert_bytes)
@@ -289,11 +296,142 @@ def plan_transfers(
     )
 
 
+def _holders(old_view: np.ndarray, old_live: np.ndarray, num_experts: int) -> np.ndarray:
+    """Table [L * E, R_old]: 1 + local slot of expert e on old rank position i in layer l
+    (row l * E + e), 0 where that rank does not hold it or is not live.
+
+    old_view: [L, R_old, S_old]; old_live: [R_old] bool. Small int dtype (the table is sparse).
+    """
+    num_layers, num_ranks, spr = old_view.shape
+    dtype = np.int8 if spr < np.iinfo(np.int8).max else np.int64
+    holder = np.zeros((num_layers * num_experts, num_ranks), dtype=dtype)
+    live, row = _live_rows(old_view, old_live, num_experts)
+    holder.ravel()[row * num_ranks + live[None, :, None]] = np.arange(1, spr + 1, dtype=dtype)
+    return holder
+
+
+def _live_rows(old_view: np.ndarray, old_live: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Live old rank positions [R_live] and the (layer, expert) row l * E + e of each of
+    their slots: [L, R_live, S_old]."""
+    live = np.nonzero(old_live)[0]
+    held = old_view if len(live) == len(old_live) else old_view[:, live, :]
+    return live, (np.arange(old_view.shape[0]) * num_experts)[:, None, None] + held
+
+
 def _per_rank(column: np.ndarray, ranks: Iterable[int], expert_bytes: int) -> dict[int, int]:
     """Bytes per rank id for the ranks named in ``column`` (one expert per entry)."""
+    ranks = [int(r) for r in ranks]
+    if not len(column):
+        return {r: 0 for r in ranks}
+    lo, hi = int(column.min()), int(column.max())
+    if hi - lo <= 4 * len(column) + 1024:
+        counts = np.bincount(column - lo).tolist()
+        eb = int(expert_bytes)
+        return {r: (counts[r - lo] * eb if lo <= r <= hi else 0) for r in ranks}
     ids, counts = np.unique(column, return_counts=True)
     by_rank = dict(zip(ids.tolist(), counts.tolist()))
-    return {int(r): int(by_rank.get(int(r), 0)) * int(expert_bytes) for r in ranks}
+    return {r: int(by_rank.get(r, 0)) * int(expert_bytes) for r in ranks}
+
+
+def _lexsort(keys: tuple[np.ndarray, ...], unique: bool = False) -> np.ndarray:
+    """``np.lexsort(keys)`` (last key primary) for int keys, as one sort of a combined key.
+
+    unique: the key tuples are known to be distinct, so any sort is stable. Falls back to
+    ``np.lexsort`` when the combined key would not fit in int64.
+    """
+    size = len(keys[0])
+    if not size:
+        return np.lexsort(keys)
+    combined = np.zeros(size, dtype=np.int64)
+    span = 1
+    for k in reversed(keys):  # primary key first
+        lo, hi = int(k.min()), int(k.max())
+        width = hi - lo + 1
+        span *= width
+        if span >= 2**62:
+            return np.lexsort(keys)
+        combined = combined * width + (k - lo)
+    if unique:  # sort (key, position) pairs, then read the positions back
+        shift = size.bit_length()
+        if span << shift < 2**62:
+            return np.sort((combined << shift) | np.arange(size)) & ((1 << shift) - 1)
+    return np.argsort(combined, kind="stable")
+
+
+_MAX_MASK_RANKS = 52  # rank sets as bit masks: exact through float64 sums up to 2**52
+
+
+def _holder_bits(old_view: np.ndarray, old_live: np.ndarray, num_experts: int) -> np.ndarray:
+    """Bit mask of the live old rank positions holding each (layer, expert): [L * E] uint64.
+
+    old_view: [L, R_old, S_old] with R_old <= 52; old_live: [R_old] bool. Distinct bits
+    add up to their OR, and float64 holds the sums exactly.
+    """
+    num_layers = old_view.shape[0]
+    live, row = _live_rows(old_view, old_live, num_experts)
+    bit = np.broadcast_to((2.0 ** live)[None, :, None], row.shape)
+    return np.bincount(row.ravel(), weights=bit.ravel(), minlength=num_layers * num_experts).astype(np.uint64)
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each entry of a uint64 array: int64 array of the same shape."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x).astype(np.int64)
+    u = np.uint64
+    x = x - ((x >> u(1)) & u(0x5555555555555555))
+    x = (x & u(0x3333333333333333)) + ((x >> u(2)) & u(0x3333333333333333))
+    x = (x + (x >> u(4))) & u(0x0F0F0F0F0F0F0F0F)
+    return ((x * u(0x0101010101010101)) >> u(56)).astype(np.int64)
+
+
+def _choose_sources_bits(
+    held: np.ndarray, dst_node: np.ndarray, src_nodes: np.ndarray, layers: np.ndarray, experts: np.ndarray
+) -> np.ndarray:
+    """``_choose_sources`` with the holders of each receive as a bit mask: held [N] uint64.
+
+    Same rule: receives with one holder are forced; the others, fewest holders first,
+    then by layer and expert, take a holder on their node if there is one, else any,
+    the one that has sent least so far (ties: lowest position). Returns [N] positions.
+    """
+    num, num_src = len(held), len(src_nodes)
+    out = np.empty(num, dtype=np.int64)
+    if num == 0:
+        return out
+    nholders = _popcount(held)
+    single = nholders == 1
+    out[single] = _popcount(held[single] - np.uint64(1))  # the position of the only bit
+    sent = np.bincount(out[single], minlength=num_src)
+    multi = np.nonzero(~single)[0]
+    if len(multi) == 0:
+        return out
+    order = multi[_lexsort((experts[multi], layers[multi], nholders[multi]))]
+    # Holders on the receiver's node if there are any, else all holders.
+    node_ids, src_node_idx = np.unique(src_nodes, return_inverse=True)
+    node_bits = np.bincount(src_node_idx, weights=2.0 ** np.arange(num_src), minlength=len(node_ids))
+    at = np.minimum(np.searchsorted(node_ids, dst_node[order]), len(node_ids) - 1)
+    local = np.where(node_ids[at] == dst_node[order], node_bits[at], 0.0).astype(np.uint64)
+    cand = held[order]
+    near = cand & local
+    cand = np.where(near != 0, near, cand)
+    sent_list = sent.tolist()
+    picks = []
+    for mask in cand.tolist():
+        if not mask & (mask - 1):  # one candidate
+            best = mask.bit_length() - 1
+            sent_list[best] += 1
+            picks.append(best)
+            continue
+        best, low = -1, None
+        while mask:  # positions in increasing order: ties keep the lowest
+            bit = mask & -mask
+            c = bit.bit_length() - 1
+            if low is None or sent_list[c] < low:
+                best, low = c, sent_list[c]
+            mask ^= bit
+        picks.append(best)
+        sent_list[best] = low + 1
+    out[order] = picks
+    return out
 
 
 def _choose_sources(
@@ -314,25 +452,32 @@ def _choose_sources(
     out = np.empty(num, dtype=np.int64)
     if num == 0:
         return out
-    sent = np.zeros(num_src, dtype=np.int64)
     nholders = held.sum(axis=1)
     single = nholders == 1
     out[single] = held[single].argmax(axis=1)
-    np.add.at(sent, out[single], 1)
+    sent = np.bincount(out[single], minlength=num_src)
     multi = np.nonzero(~single)[0]
     if len(multi) == 0:
         return out
-    order = multi[np.lexsort((experts[multi], layers[multi], nholders[multi]))]
-    remote = src_nodes[None, :] != dst_node[order][:, None]
-    cands = [np.nonzero(row)[0] for row in held[order]]
+    order = multi[_lexsort((experts[multi], layers[multi], nholders[multi]))]
+    # Candidates per receive: the holders on its node if there are any, else all holders.
+    cand = held[order]
+    near = cand & (src_nodes[None, :] == dst_node[order][:, None])
+    cand = np.where(near.any(axis=1)[:, None], near, cand)
+    rows, cols = np.nonzero(cand)  # by receive, then position: ties go to the lowest position
+    bounds = np.searchsorted(rows, np.arange(len(order) + 1)).tolist()
+    cols = cols.tolist()
     sent_list = sent.tolist()
-    for i, idx in enumerate(order.tolist()):
-        c = cands[i]
-        far = remote[i, c]
-        best = min(range(len(c)), key=lambda k: (bool(far[k]), sent_list[c[k]], int(c[k])))
-        pick = int(c[best])
-        out[idx] = pick
-        sent_list[pick] += 1
+    picks = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        best = cols[lo]
+        low = sent_list[best]
+        for c in cols[lo + 1 : hi]:
+            if sent_list[c] < low:
+                best, low = c, sent_list[c]
+        picks.append(best)
+        sent_list[best] = low + 1
+    out[order] = picks
     return out
 
 
@@ -347,9 +492,8 @@ def _assign_stages(transfers: np.ndarray) -> int:
     """
     if len(transfers) == 0:
         return 0
-    ranks, inverse = np.unique(transfers[:, [SRC, DST]], return_inverse=True)
-    pos = inverse.reshape(-1, 2)
-    n = len(ranks) + (len(ranks) % 2)
+    pos, num_ranks = _dense_ids(transfers[:, [SRC, DST]])
+    n = num_ranks + (num_ranks % 2)
     if n <= 2:
         transfers[:, STAGE] = 0
         return 1
@@ -357,9 +501,24 @@ def _assign_stages(transfers: np.ndarray) -> int:
     j = np.maximum(pos[:, 0], pos[:, 1])
     half = n // 2  # the inverse of 2 modulo n - 1
     rnd = np.where(j == n - 1, i, ((i + j) * half) % (n - 1))
-    used, stage = np.unique(rnd, return_inverse=True)
-    transfers[:, STAGE] = stage.ravel()
-    return int(len(used))
+    stage, num_stages = _dense_ids(rnd)
+    transfers[:, STAGE] = stage
+    return num_stages
+
+
+def _dense_ids(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Rank of each value among the distinct values (``np.unique``'s inverse), and their number.
+
+    values: int array of any shape; the result has the same shape.
+    """
+    lo, hi = int(values.min()), int(values.max())
+    if hi - lo > 4 * values.size + 1024:  # sparse ids: sort
+        distinct, inverse = np.unique(values, return_inverse=True)
+        return inverse.reshape(values.shape), len(distinct)
+    present = np.zeros(hi - lo + 1, dtype=np.int64)
+    present[values.ravel() - lo] = 1
+    dense = np.cumsum(present) - 1
+    return dense[values - lo], int(dense[-1]) + 1
 
 
 def apply_plan(plan: TransferPlan, state: dict[int, np.ndarray], storage: Optional[dict] = None) -> dict[int, np.ndarray]:
