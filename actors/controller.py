@@ -84,6 +84,8 @@ class Controller:
         self.rank_nodes: dict[int, int] = {}  # rank id -> logical node
         self.dead: set[str] = set()
         self.handles: dict[str, ray.actor.ActorHandle] = {}
+        self.gpu_share: dict[str, float] = {}  # worker id -> GPUs it was started with
+        self._share_reused: set[str] = set()  # dead workers whose GPU share a new worker took
         self.groups: dict[str, list[str]] = {}  # group name -> worker ids in group-rank order
         self.device_of: dict[str, str] = {}  # worker id -> "node:gpus" (two members of one NCCL group never share a GPU)
         self.next_worker = 0
@@ -125,9 +127,8 @@ class Controller:
         self.next_worker += 1
         cls = worker_actor_class(self.cfg.device)
         opts = dict(name=self._worker_name(wid), lifetime="detached", max_restarts=self.cfg.max_restarts)
-        fractions = self.cfg.gpu_fractions
-        if self.cfg.device == "cuda" and fractions is not None and int(wid[1:]) < len(fractions):
-            opts["num_gpus"] = fractions[int(wid[1:])]
+        if self.cfg.device == "cuda":
+            opts["num_gpus"] = self._gpu_share_for(wid)
         strategy = self._node_strategy(node_index)
         if strategy is not None:
             opts["scheduling_strategy"] = strategy
@@ -138,6 +139,21 @@ class Controller:
         )
         self.handles[wid] = handle
         return wid
+
+    def _gpu_share_for(self, wid: str) -> float:
+        """GPUs for a new worker: its configured fraction at start; later, the share a dead
+        worker left free (so a replacement spare lands where the dead one was), else one GPU."""
+        fractions = self.cfg.gpu_fractions
+        index = int(wid[1:])
+        if fractions is not None and index < len(fractions):
+            share = float(fractions[index])
+        else:
+            freed = [w for w in sorted(self.dead) if w in self.gpu_share and w not in self._share_reused]
+            share = self.gpu_share[freed[0]] if freed else 1.0
+            if freed:
+                self._share_reused.add(freed[0])
+        self.gpu_share[wid] = share
+        return share
 
     def _ray_nodes(self) -> list[str]:
         return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
@@ -889,7 +905,7 @@ class Controller:
                 self._replenish_due = False
             report.failures = failures
             report.total_s = _now() - t_start
-            if death_time is not None and reason == "recover":
+            if death_time is not None and reason == "recover" and report.since_death_s is None:
                 report.since_death_s = time.time() - death_time
             self._death_time = None
             out = report.to_dict()
@@ -919,6 +935,7 @@ class Controller:
         # Phase: decide membership
         t0 = _now()
         old = self.layout
+        self._layout_before = old  # for the report's balance before/after
         members = dict(self.members)
         spares = [w for w in self.spares if w not in self.dead]  # a copy: a failed attempt gives spares back
         fresh: set[int] = set()
@@ -1098,6 +1115,8 @@ class Controller:
             self.pending_commit = None
         rep.phases["commit"] = _now() - t0
         rep.committed_at = time.time()
+        if self._death_time is not None and rep.reason == "recover":
+            rep.since_death_s = rep.committed_at - self._death_time  # noticed -> committed
         rep.epoch_to = epoch
         self._save()
         self.faults.hit("committed")
@@ -1115,7 +1134,8 @@ class Controller:
         return rep
 
     def _refresh_balance(self, rep: RebalanceReport, new: ExpertLayout, load: np.ndarray) -> None:
-        for name, layout in (("before", self.layout if rep.noop else None), ("after", new)):
+        before = self._layout_before if getattr(self, "_layout_before", None) is not None else self.layout
+        for name, layout in (("before", before), ("after", new)):
             if layout is None:
                 continue
             rl = layout.rank_loads(load)

@@ -86,6 +86,30 @@ class ExpertWorker:
     def arm_fault(self, phase: str, delay_s: float = 0.0) -> None:
         self.faults.arm(phase, delay_s)
 
+    def abort(self, reason: str = "aborted by the controller") -> list[str]:
+        """Abort every communicator this worker holds, so a running transfer fails at once.
+
+        Runs beside a transfer (control group). Staging is discarded by the failed execute;
+        live weights are untouched. Returns the groups aborted (re-form before the next plan).
+        """
+        from elastic_ep.transport import get_group
+
+        aborted = []
+        for name in list(self._groups):
+            try:
+                get_group(name).abort(reason)
+                aborted.append(name)
+            except Exception:  # noqa: BLE001 - a group already gone needs no abort
+                pass
+            self._groups.pop(name, None)
+        return aborted
+
+    def disarm_fault(self, phase: Optional[str] = None) -> list[str]:
+        """Disarm ``phase`` (every phase if None) unless it already fired; returns what was still armed."""
+        armed = self.faults.armed()
+        self.faults.disarm(phase)
+        return armed
+
     # -- loading -----------------------------------------------------------------------
 
     def _checkpoint_reader(self) -> CheckpointReader:
@@ -347,7 +371,7 @@ def worker_actor_class(device: str):
 
 # Which concurrency group each method runs in.
 ExpertWorker.watch = ray.method(concurrency_group="watch")(ExpertWorker.watch)
-for _name in ("ping", "arm_fault"):
+for _name in ("ping", "arm_fault", "disarm_fault", "abort"):
     setattr(ExpertWorker, _name, ray.method(concurrency_group="control")(getattr(ExpertWorker, _name)))
 for _name in ("load", "export_experts", "form_group", "leave_groups", "execute", "commit", "discard",
               "retire", "fingerprints", "record_tokens", "take_load", "forward_check"):

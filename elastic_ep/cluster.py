@@ -59,6 +59,7 @@ class ElasticEPCluster:
                     env[key] = os.environ[key]
             kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=False, namespace="elastic-ep")
             if self.config.address is None:
+                kwargs["address"] = "local"  # never join a stray cluster through RAY_ADDRESS
                 kwargs.update(include_dashboard=False, configure_logging=False)
                 kwargs.setdefault("num_cpus", max(2, os.cpu_count() or 2))
             else:
@@ -66,11 +67,19 @@ class ElasticEPCluster:
             kwargs.update(self._ray_kwargs)
             ray.init(**kwargs)
             self._started_ray = True
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         cls = controller_actor_class()
-        self._controller = cls.options(name=f"{self.prefix}-controller").remote(
+        # Next to the driver when it can be (soft: a restart after that node died goes elsewhere).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self._controller = cls.options(name=f"{self.prefix}-controller", scheduling_strategy=here).remote(
             self.config, self.state_dir, self.prefix
         )
-        self.last_start = self._call("start", timeout=self.config.startup_timeout_s * 3)
+        try:
+            self.last_start = self._call("start", timeout=self.config.startup_timeout_s * 3)
+        except BaseException:
+            self.shutdown()  # no detached worker outlives a failed start (a with-block never reaches __exit__)
+            raise
         return self.last_start
 
     def shutdown(self) -> None:
@@ -127,9 +136,15 @@ class ElasticEPCluster:
     def status(self) -> dict:
         return self._call("status")
 
-    def rebalance(self) -> dict:
-        """Re-place experts by the recorded load; returns a report of what moved and each phase's time."""
-        return self._call("rebalance")
+    def rebalance(self, load=None) -> dict:
+        """Re-place experts by the recorded load, or by ``load`` [num_layers, num_experts] when given.
+
+        Returns a report of what moved and each phase's time. Calls from several threads
+        run one after the other, never interleaved. If the controller dies mid-way the
+        call is retried on the restarted controller, which first rolls the interrupted
+        one back or forward (see actors/controller.py, "Commit protocol").
+        """
+        return self._call("rebalance", None if load is None else np.asarray(load))
 
     def recover(self) -> dict:
         """Heal dead ranks now (the controller also does this on its own when auto_recover is on)."""
@@ -158,19 +173,38 @@ class ElasticEPCluster:
         return self._call("arm_worker_fault", rank, phase, delay_s)
 
     def arm_controller_fault(self, phase: str, delay_s: float = 0.0) -> None:
+        """Make the controller die when it next reaches ``phase`` of a reconfiguration (it restarts and resumes)."""
         self._call("arm_fault", phase, delay_s)
 
+    def disarm_faults(self, rank: Union[int, str, None] = None) -> dict:
+        """Disarm faults still armed on one worker (or on every live one); returns {worker id: phases}."""
+        return self._call("disarm_worker_faults", rank)
+
     def wait_healthy(self, timeout_s: float = 60.0) -> dict:
-        """Wait until no member is dead and no reconfiguration runs; returns the status."""
+        """Wait until no member or spare is dead and no reconfiguration runs; returns the status.
+
+        Raises TimeoutError after ``timeout_s`` naming the dead workers and the last
+        reconfiguration error (``status()["last_error"]``: e.g. too few slots left, or
+        experts lost; call ``recover()`` to get it raised as its typed error).
+        """
         deadline = time.monotonic() + timeout_s
+        stuck_since = None
         while True:
             st = self.status()
-            dead_members = [w for w in st["ranks"].values() if w in st["dead"]]
-            if not dead_members and not st["busy"]:
+            dead = [w for w in list(st["ranks"].values()) + st["spares"] if w in st["dead"]]
+            if not dead and not st["busy"]:
                 return st
+            stuck = dead and not st["busy"] and st.get("last_error")
+            stuck_since = (stuck_since or time.monotonic()) if stuck else None
+            if stuck and time.monotonic() - stuck_since > 2.0:
+                # Recovery is paused on an error waiting cannot fix (too few slots, experts lost).
+                raise TimeoutError(f"cluster cannot heal dead {dead}: {st['last_error']}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"cluster not healthy after {timeout_s}s: dead members {dead_members}")
-            time.sleep(0.1)
+                raise TimeoutError(
+                    f"cluster not healthy after {timeout_s}s: dead members/spares {dead}, busy {st['busy']}, "
+                    f"last error {st.get('last_error')}"
+                )
+            time.sleep(0.05)  # polls the controller's state (no event to wait on across the actor boundary)
 
     # -- load statistics -------------------------------------------------------------------
 

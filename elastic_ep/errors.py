@@ -48,6 +48,9 @@ class ExpertsLostError(ElasticEPError):
         super().__init__(message)
         self.lost = lost  # [(layer, logical_expert)]
 
+    def __reduce__(self):  # survives pickling across actor boundaries (args alone lack ``lost``)
+        return type(self), (str(self), self.lost)
+
 
 class WorkerStartupError(ElasticEPError):
     """A worker actor did not start or load its slots within its timeout."""

@@ -17,8 +17,10 @@ WORKER_PHASES = (
     "staged",  # between staging and commit
     "load",  # while loading its slots at start or on takeover
 )
-# Phases the controller passes through during a rebalance.
-CONTROLLER_PHASES = ("planned", "executing", "verified", "committing")
+# Phases the controller passes through during a rebalance. A controller death at or before
+# "committing" rolls the reconfiguration back on restart; at "decided" (the new layout is
+# durable, worker commits in flight) or "committed" it rolls forward.
+CONTROLLER_PHASES = ("planned", "executing", "verified", "committing", "decided", "committed")
 
 EXIT_CODE = 17
 
