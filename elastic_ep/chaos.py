@@ -37,6 +37,7 @@ from .config import ClusterConfig, ModelSpec
 from .faults import CONTROLLER_PHASES
 from .layout import ExpertLayout
 from .plan import DST, SRC, TransferPlan, plan_transfers
+from .testing import small_config
 
 # Kills each scenario makes when its armed phase is reached (the summary counts real deaths).
 WORKER_SCENARIOS = {
@@ -61,20 +62,9 @@ CHAOS_SPEC = ModelSpec(num_layers=3, num_experts=12, hidden=512, intermediate=25
 
 def chaos_config(checkpoint: str, state_dir: str, **overrides) -> ClusterConfig:
     """4 ranks x 4 slots + 2 spares over a tiny model, with timeouts short enough for CI."""
-    base = dict(
-        model=CHAOS_SPEC,
-        checkpoint=str(checkpoint),
-        num_ranks=4,
-        slots_per_rank=4,
-        num_spares=2,
-        call_timeout_s=20.0,
-        transfer_timeout_s=5.0,
-        startup_timeout_s=60.0,
-        state_dir=str(state_dir),
-        name="chaos",
-    )
-    base.update(overrides)
-    return ClusterConfig(**base)
+    base = dict(model=CHAOS_SPEC, num_spares=2, call_timeout_s=20.0, transfer_timeout_s=5.0,
+                state_dir=str(state_dir), name="chaos")
+    return small_config(checkpoint, state_dir, **{**base, **overrides})
 
 
 @dataclass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from pathlib import Path
 
 from .config import ClusterConfig, ModelSpec
@@ -24,3 +27,25 @@ def small_config(checkpoint, tmp_path, **overrides) -> ClusterConfig:
     )
     base.update(overrides)
     return ClusterConfig(**base)
+
+
+@contextlib.contextmanager
+def local_ray(namespace: str, prefix: str = "eepr", num_cpus: int = 4):
+    """A fresh local Ray with its temp dir under /tmp (short socket paths); shut down on exit."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    root = str(Path(__file__).resolve().parents[1])
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        namespace=namespace,
+        _temp_dir=tempfile.mkdtemp(prefix=prefix, dir="/tmp"),
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}},
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -1,34 +1,16 @@
 """Fixtures for tests on a real local Ray: one Ray per module, small synthetic checkpoints."""
 
-import os
-import tempfile
-
 import pytest
 
 from elastic_ep.storage import write_synthetic_checkpoint
-
-from elastic_ep.testing import SMALL
+from elastic_ep.testing import SMALL, local_ray
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray for the whole module, with its temp dir under /tmp (short socket paths)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    tmp = tempfile.mkdtemp(prefix="eepr", dir="/tmp")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        namespace="elastic-ep-tests",
-        _temp_dir=tmp,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": root}},
-    )
-    yield ray
-    ray.shutdown()
+    """A local Ray for the whole module."""
+    with local_ray("elastic-ep-tests", prefix="eepr") as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")
