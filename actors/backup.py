@@ -42,19 +42,30 @@ class BackupStore:
     def ping(self) -> dict:
         return {"node_index": self.node_index, "num_experts": len(self._refs), "bytes": sum(self._sizes.values())}
 
-    def ingest(self, worker, keys: list[tuple[int, int]], timeout_s: float) -> int:
-        """Copy experts from a live worker into this store; returns bytes stored."""
+    def ingest(self, worker, keys: list[tuple[int, int]], timeout_s: float, chunk_bytes: int = 1 << 30,
+               expert_bytes: int = 1) -> int:
+        """Copy experts from a live worker into this store; returns bytes stored.
+
+        Exports run in chunks of about ``chunk_bytes``, the next one exported while
+        this store copies the last, so host memory in flight stays bounded.
+        """
         keys = [(int(l), int(e)) for l, e in keys if (int(l), int(e)) not in self._refs]
         if not keys:
             return 0
-        exported = ray.get(worker.export_experts.remote(keys), timeout=timeout_s)
+        per_chunk = max(1, chunk_bytes // max(1, expert_bytes))
+        chunks = [keys[i: i + per_chunk] for i in range(0, len(keys), per_chunk)]
         added = 0
-        for key, (w13, w2) in exported.items():
-            key = (int(key[0]), int(key[1]))
-            # Stored as raw-bit numpy arrays: readers map them zero-copy from shared memory.
-            self._refs[key] = ray.put((to_host_array(w13), to_host_array(w2)))
-            self._sizes[key] = w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
-            added += self._sizes[key]
+        pending = worker.export_experts.remote(chunks[0])
+        for i in range(len(chunks)):
+            exported = ray.get(pending, timeout=timeout_s)
+            pending = worker.export_experts.remote(chunks[i + 1]) if i + 1 < len(chunks) else None
+            for layer, expert, w13, w2 in exported:
+                key = (int(layer), int(expert))
+                # Put by this actor, so owned by it: readers map them zero-copy from shared memory.
+                self._refs[key] = ray.put((w13, w2))
+                self._sizes[key] = w13.nbytes + w2.nbytes
+                added += self._sizes[key]
+            del exported
         return added
 
     def keys(self) -> list[tuple[int, int]]:

@@ -81,6 +81,7 @@ class Controller:
         self.generation = 0  # communicator generation (group name suffix)
         self.members: dict[int, str] = {}  # rank id -> worker id
         self.spares: list[str] = []
+        self.preparing: dict = {}  # spare worker id -> ObjectRef of its prepare_backups call
         self.rank_nodes: dict[int, int] = {}  # rank id -> logical node
         self.dead: set[str] = set()
         self.handles: dict[str, ray.actor.ActorHandle] = {}
@@ -213,6 +214,7 @@ class Controller:
             t_g = _now()
             self._form_group()
             group_s = _now() - t_g
+            self._prepare_spares()
             self._save()
             self._start_monitor()
             return {
@@ -508,6 +510,7 @@ class Controller:
                 "unserved": self._unserved(layout),
                 "death_times": dict(self.death_times),
                 "backed_up": len(self.backup_of),
+                "spares_prepared": self._spares_prepared(),
                 "node_ids": dict(self.node_ids),
                 "last_error": self.last_error,
                 "rank_nodes": dict(self.rank_nodes),
@@ -520,6 +523,22 @@ class Controller:
 
     def arm_fault(self, phase: str, delay_s: float = 0.0) -> None:
         self.faults.arm(phase, delay_s)
+
+    def _spares_prepared(self) -> dict:
+        """Per live spare: its prepare_backups result, "preparing", or the error it raised."""
+        out = {}
+        for wid, ref in list(self.preparing.items()):
+            if wid not in self.spares or wid in self.dead:
+                self.preparing.pop(wid, None)
+                continue
+            if not ray.wait([ref], timeout=0)[0]:
+                out[wid] = "preparing"
+                continue
+            try:
+                out[wid] = ray.get(ref, timeout=1.0)
+            except (RayError, GetTimeoutError) as exc:
+                out[wid] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+        return out
 
     def _unserved(self, layout: Optional[ExpertLayout]) -> list[tuple[int, int]]:
         """(layer, expert) pairs with no replica on a live member right now."""
@@ -764,10 +783,12 @@ class Controller:
         refs = {}
         for (wid, node), ks in by_pair.items():
             store = self._store_for(node)
-            refs[(wid, node)] = store.ingest.remote(self.handles[wid], ks, self.cfg.call_timeout_s)
+            refs[(wid, node)] = store.ingest.remote(self.handles[wid], ks, self.cfg.call_timeout_s,
+                                                    expert_bytes=self.spec.expert_bytes)
             for k in ks:
                 self.backup_of[k] = node
-        got = self._get_all(refs, self.cfg.call_timeout_s * 2, "backup", tolerate_dead=True)
+        chunks = 1 + len(want) * self.spec.expert_bytes // (1 << 30)  # ingest exports about 1 GiB per call
+        got = self._get_all(refs, self.cfg.call_timeout_s * (1 + chunks), "backup", tolerate_dead=True)
         for (wid, node), ks in by_pair.items():
             if (wid, node) not in got:
                 for k in ks:
@@ -1170,7 +1191,24 @@ class Controller:
                 self._make_backups(missing)
             except ElasticEPError as exc:
                 rep.notes.append(f"backups not restored: {exc}")
+        if changed or missing:
+            self._prepare_spares()
         self._save()
+
+    def _prepare_spares(self) -> None:
+        """Have each live spare map (and on GPUs page-lock) every host backup, in the background.
+
+        Off the critical path: the call is not awaited. A spare that takes over before it
+        finishes reads the backups it needs the slow way; ``status()`` shows progress.
+        """
+        if not (self.cfg.prepare_spares and self.cfg.keep_backups):
+            return
+        refs = self._backup_refs(sorted(self.backup_of))
+        if not refs:
+            return
+        for wid in self.spares:
+            if wid not in self.dead and wid in self.handles:
+                self.preparing[wid] = self.handles[wid].prepare_backups.remote(refs, self.cfg.startup_timeout_s)
 
     # ------------------------------------------------------------------------------------
 

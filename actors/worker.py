@@ -63,6 +63,8 @@ class ExpertWorker:
         self._slot_tokens = np.zeros(shape, dtype=np.float64)
         self._busy: Optional[str] = None
         self._lock = threading.Lock()
+        self._prep_lock = threading.Lock()
+        self._prepared: Optional[tuple[dict, object]] = None  # (host backups by key, their PinnedRegion)
         self.faults = FaultInjector(WORKER_PHASES)
 
     # -- control (concurrency group "control") ----------------------------------------
@@ -77,6 +79,7 @@ class ExpertWorker:
             "gpus": [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])],
             "busy": self._busy,
             "groups": sorted(self._groups),
+            "prepared_backups": 0 if self._prepared is None else len(self._prepared[0]),
         }
 
     def watch(self) -> None:
@@ -138,19 +141,50 @@ class ExpertWorker:
             "load_s": time.perf_counter() - t0,
         }
 
-    def export_experts(self, keys: list[tuple[int, int]]) -> dict:
-        """Host copies of some experts this worker holds: {(layer, expert): (w13, w2)}."""
-        out = {}
+    def export_experts(self, keys: list[tuple[int, int]]) -> list:
+        """Host copies of some experts this worker holds: [(layer, expert, w13_bits, w2_bits)].
+
+        The arrays are raw bits (numpy has no bf16), which Ray ships zero-copy.
+        """
+        from actors.backup import to_host_array
+
+        out = []
         for layer, expert in keys:
             slots = np.nonzero(self.weights.experts[int(layer)] == int(expert))[0]
             if not len(slots):
                 raise ValueError(f"worker {self.worker_id} does not hold expert {expert} of layer {layer}")
             s = int(slots[0])
-            out[(int(layer), int(expert))] = (
-                self.weights.w13[layer, s].to("cpu", copy=True),
-                self.weights.w2[layer, s].to("cpu", copy=True),
-            )
+            out.append((int(layer), int(expert),
+                        to_host_array(self.weights.w13[layer, s].cpu()), to_host_array(self.weights.w2[layer, s].cpu())))
         return out
+
+    def prepare_backups(self, backup_refs: dict, timeout_s: float) -> dict:
+        """Map host backups ahead of need (a hot spare), page-locked on a GPU, so a takeover copies at DMA speed.
+
+        ``backup_refs``: {(layer, expert): ObjectRef}. Replaces what was prepared before.
+        Runs in its own concurrency group, beside transfers; a fetch uses what is ready.
+        """
+        from elastic_ep.hostmem import PinnedRegion
+
+        t0 = time.perf_counter()
+        keys = list(backup_refs)
+        values = ray.get([backup_refs[k] for k in keys], timeout=timeout_s) if keys else []
+        arrays = {tuple(int(x) for x in k): v for k, v in zip(keys, values)}
+        region = None
+        if self.device.type == "cuda" and arrays:
+            region = PinnedRegion([a for pair in arrays.values() for a in pair])
+            # Staging for a whole rank, allocated once and left in torch's cache: a takeover's
+            # buffers then come from the cache instead of fresh cudaMalloc calls.
+            del_me = torch.empty(self.weights.w13.numel() + self.weights.w2.numel(), dtype=self.weights.w13.dtype,
+                                 device=self.device)
+            del del_me
+        with self._prep_lock:
+            old = self._prepared
+            self._prepared = (arrays, region)
+        if old is not None and old[1] is not None:
+            old[1].release()
+        return {"experts": len(arrays), "pinned_bytes": 0 if region is None else region.nbytes,
+                "seconds": time.perf_counter() - t0}
 
     # -- communicators -----------------------------------------------------------------
 
@@ -185,7 +219,7 @@ class ExpertWorker:
         group_rank: dict[int, int],
         timeout_s: float,
         backup_refs: Optional[dict] = None,
-        max_message_bytes: int = 256 << 20,
+        max_message_bytes: int = 1 << 30,
     ) -> dict:
         """Stage this rank's part of a plan; live weights stay untouched until commit()."""
         from elastic_ep.transport import CollectiveTransport
@@ -247,21 +281,27 @@ class ExpertWorker:
                 self._busy = None
 
     def _fetch(self, keys, backup_refs: dict, timeout_s: float, stats: dict) -> dict:
-        """Experts from host backups when the object store still has them, else from the checkpoint."""
-        out = {}
-        from_backup = [k for k in keys if tuple(k) in backup_refs]
-        if from_backup:
-            try:
-                from actors.backup import from_host_array
+        """Experts from host backups (prepared ones first), else from the checkpoint.
 
-                values = ray.get([backup_refs[tuple(k)] for k in from_backup], timeout=timeout_s)
-                for k, (a13, a2) in zip(from_backup, values):
-                    w13 = from_host_array(a13, self.spec.dtype).to(self.device, non_blocking=True)
-                    w2 = from_host_array(a2, self.spec.dtype).to(self.device, non_blocking=True)
-                    out[tuple(k)] = (w13, w2)
-                    stats["from_backup"] += w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
+        Backups come back as host tensors (page-locked where prepared on a GPU): the
+        executor copies them straight into the staging buffer.
+        """
+        from actors.backup import from_host_array
+
+        with self._prep_lock:
+            prepared = self._prepared[0] if self._prepared is not None else {}
+        arrays = {tuple(k): prepared[tuple(k)] for k in keys if tuple(k) in prepared}
+        wanted = [tuple(k) for k in keys if tuple(k) not in arrays and tuple(k) in backup_refs]
+        if wanted:
+            try:
+                values = ray.get([backup_refs[k] for k in wanted], timeout=timeout_s)
+                arrays.update(zip(wanted, values))
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-                out.clear()  # a lost backup: fall through to the checkpoint for all of them
+                pass  # a lost backup: those experts fall through to the checkpoint
+        out = {}
+        for k, (a13, a2) in arrays.items():
+            out[k] = (from_host_array(a13, self.spec.dtype), from_host_array(a2, self.spec.dtype))
+            stats["from_backup"] += a13.nbytes + a2.nbytes
         rest = [tuple(k) for k in keys if tuple(k) not in out]
         if rest:
             out.update(self._read_checkpoint(rest, stats))
@@ -359,7 +399,7 @@ class _NoTransport:
 
 def worker_actor_class(device: str):
     """The ray.remote-wrapped worker class: one GPU each on CUDA, no CPU reservation on CPU."""
-    opts = dict(concurrency_groups={"control": 4, "watch": 1, "data": 1}, max_task_retries=0)
+    opts = dict(concurrency_groups={"control": 4, "watch": 1, "data": 1, "prepare": 1}, max_task_retries=0)
     if device == "cuda":
         opts["num_gpus"] = 1
         opts["num_cpus"] = 1
@@ -370,6 +410,7 @@ def worker_actor_class(device: str):
 
 
 # Which concurrency group each method runs in.
+ExpertWorker.prepare_backups = ray.method(concurrency_group="prepare")(ExpertWorker.prepare_backups)
 ExpertWorker.watch = ray.method(concurrency_group="watch")(ExpertWorker.watch)
 for _name in ("ping", "arm_fault", "disarm_fault", "abort"):
     setattr(ExpertWorker, _name, ray.method(concurrency_group="control")(getattr(ExpertWorker, _name)))

@@ -71,7 +71,8 @@ class Probe:
         form_group(name, world, rank, host, port, 60.0, "cuda")
         return time.perf_counter() - t0
 
-    def run(self, name, nbytes, peer, mode, reps):
+    def run(self, name, nbytes, peer, mode, reps, count=1):
+        """Median seconds of one exchange moving ``nbytes`` per direction as ``count`` messages."""
         from elastic_ep.transport import P2POp, get_group
 
         g = get_group(name)
@@ -81,9 +82,9 @@ class Probe:
         for i in range(reps + 1):
             ops = []
             if mode in ("send", "both"):
-                ops.append(P2POp("send", send, peer))
+                ops += [P2POp("send", part, peer) for part in send.chunk(count)]
             if mode in ("recv", "both"):
-                ops.append(P2POp("recv", recv, peer))
+                ops += [P2POp("recv", part, peer) for part in recv.chunk(count)]
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             g.exchange(ops, 60.0)
@@ -104,6 +105,12 @@ def measure_ceiling(nbytes: int) -> dict:
     reps = 5
     one = ray.get([a.run.remote("ceiling", nbytes, 1, "send", reps), b.run.remote("ceiling", nbytes, 0, "recv", reps)])
     both = ray.get([a.run.remote("ceiling", nbytes, 1, "both", reps), b.run.remote("ceiling", nbytes, 0, "both", reps)])
+    # The same bytes cut into messages, as a plan's exchange posts them (all in one exchange).
+    split = {}
+    for count in (4, 16):
+        t = ray.get([a.run.remote("ceiling", 4 * nbytes, 1, "both", 2, count),
+                     b.run.remote("ceiling", 4 * nbytes, 0, "both", 2, count)])
+        split[f"{count} x {4 * nbytes // count >> 20} MiB each way"] = 2 * 4 * nbytes / max(t) / GB
     for h in (a, b):
         ray.kill(h)
     return {
@@ -111,6 +118,7 @@ def measure_ceiling(nbytes: int) -> dict:
         "group_init_s": max(join),
         "one_way_GBps": nbytes / max(one) / GB,
         "bidirectional_GBps": 2 * nbytes / max(both) / GB,
+        "split_bidirectional_GBps": split,
     }
 
 
@@ -315,6 +323,7 @@ def run_elastic(spec, ckpt, num_gpus, args, workdir) -> tuple[dict, ExpertLayout
         xfer = max((t.get("transfer", 0.0) for t in wt.values()), default=0.0)
         out["rebalance_p2p_GBps"] = reb["bytes_p2p"] / xfer / GB if xfer else None
         assert cluster.verify()["ok"]
+        out["spare_prepared"] = _wait_spare_prepared(cluster, timeout_s=300)
         before = ExpertLayout.from_dict(cluster.status()["layout"])
         dead = before.ranks[-1]
         t_kill = time.time()
@@ -329,6 +338,17 @@ def run_elastic(spec, ckpt, num_gpus, args, workdir) -> tuple[dict, ExpertLayout
         return out, before, dead
     finally:
         cluster.shutdown()
+
+
+def _wait_spare_prepared(cluster, timeout_s: float) -> dict:
+    """Wait until the hot spare has mapped and page-locked the host backups (done in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        prepared = cluster.status().get("spares_prepared", {})
+        if prepared and all(v != "preparing" for v in prepared.values()):
+            return prepared
+        time.sleep(0.5)
+    return {"timeout": True}
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,10 +412,14 @@ def print_table(r: dict) -> None:
     print(f"elastic-ep GPU recovery benchmark: {r['gpus']} x {r['card']}, {r['layers']} MoE layers x "
           f"{r['expert_MB']:.1f} MB experts; {e['ranks']} ranks x {e['slots_per_rank']} slots + 1 hot spare ({e['spare']})")
     print(f"dead rank holds {dead_bytes / GB:.2f} GB; checkpoint {r['checkpoint_GB']:.1f} GB on local disk")
+    print(f"cluster start {e['start_s']:.1f}s (backups {e['start'].get('backup_s', 0):.1f}s); "
+          f"hot spare prepared: {json.dumps(e.get('spare_prepared'))}")
     print()
     print(f"{'arm':52s} {'seconds':>9s}  notes")
     print(f"{'1. NCCL P2P ceiling, one way':52s} {'':>9s}  {c['one_way_GBps']:.0f} GB/s")
     print(f"{'1. NCCL P2P ceiling, both directions':52s} {'':>9s}  {c['bidirectional_GBps']:.0f} GB/s aggregate")
+    for how, rate in c.get("split_bidirectional_GBps", {}).items():
+        print(f"{'   same, cut into messages: ' + how:52s} {'':>9s}  {rate:.0f} GB/s aggregate")
     if b:
         print(f"{'2. disk reload of the dead rank (cold page cache)':52s} {b['disk_cold_s']:9.3f}  {b['cache_drop']}")
         print(f"{'2. disk reload of the dead rank (warm page cache)':52s} {b['disk_warm_s']:9.3f}")

@@ -74,6 +74,9 @@ class ClusterConfig:
     device: str = "cpu"  # cpu (Gloo) or cuda (NCCL)
     address: Optional[str] = None  # Ray address; None starts an embedded local Ray
     keep_backups: bool = True  # host-memory copies of every expert in the object store
+    # Hot spares map every host backup ahead of a takeover (page-locked on GPUs), so a
+    # replacement copies them at DMA speed instead of through pageable memory.
+    prepare_spares: bool = True
     call_timeout_s: float = 60.0  # bound on every remote call
     transfer_timeout_s: float = 30.0  # bound on one transfer phase; peers are aborted after it
     startup_timeout_s: float = 120.0  # bound on starting and loading one worker

@@ -11,6 +11,7 @@ which both sides cut identically from the same ordered plan.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from .plan import DST, DST_SLOT, EXPERT, LAYER, SRC, SRC_SLOT, STAGE, RankPlan
-from .storage import fingerprint_stacked
+from .errors import TransferError
+from .storage import fingerprint_stacked, fingerprint_sums_flat, fingerprints_from_sums
 
 # fetch(keys) -> {(layer, expert): (w13, w2)} from a backup or the checkpoint
 FetchFn = Callable[[list[tuple[int, int]]], dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]]
@@ -52,23 +54,59 @@ class ExpertWeights:
 
 
 @dataclass
+class StagedBatch:
+    """Experts that arrived together, packed: flat [n, numel] (each row w13 flattened, then w2).
+
+    rows: [n, 3] int64 (layer, slot, expert) of each packed expert.
+    """
+
+    flat: torch.Tensor
+    rows: np.ndarray
+    sums: Optional[torch.Tensor] = None  # fingerprint_sums_flat(flat), computed as soon as flat is whole
+
+
+@dataclass
 class StagedUpdate:
-    """New contents for some slots, not yet live. Keyed by (layer, slot)."""
+    """New contents for some slots, not yet live. Keyed by (layer, slot).
+
+    ``slots`` holds views (into ``batches`` where the slot arrived packed) or loose copies.
+    """
 
     epoch: int
     slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+    batches: list[StagedBatch] = field(default_factory=list)
+    n13: int = 0  # elements of w13 in a packed row
     timings_s: dict[str, float] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_fetched: int = 0
 
+    def add_batch(self, flat: torch.Tensor, rows: np.ndarray, shape13: tuple, shape2: tuple,
+                  sums: Optional[torch.Tensor] = None) -> None:
+        """Stage a packed batch; its rows become views in ``slots``. Starts its fingerprinting (no wait)."""
+        if sums is None and len(rows):
+            sums = fingerprint_sums_flat(flat, self.n13)
+        self.batches.append(StagedBatch(flat, rows, sums))
+        for i, (layer, slot, expert) in enumerate(rows.tolist()):
+            self.slots[(layer, slot)] = (flat[i, : self.n13].view(shape13), flat[i, self.n13 :].view(shape2), expert)
+
     def fingerprints(self) -> list[tuple[int, int, int, int]]:
-        """(layer, slot, expert, fingerprint) for every staged slot."""
+        """(layer, slot, expert, fingerprint) for every staged slot, sorted; packed batches in one pass each."""
         out = []
-        for (layer, slot), (w13, w2, expert) in sorted(self.slots.items()):
-            fp = fingerprint_stacked(w13.unsqueeze(0), w2.unsqueeze(0))[0]
-            out.append((layer, slot, expert, int(fp)))
-        return out
+        batched = set()
+        for batch in self.batches:
+            if not len(batch.rows):
+                continue
+            fps = fingerprints_from_sums(batch.sums if batch.sums is not None else fingerprint_sums_flat(batch.flat, self.n13))
+            for (layer, slot, expert), fp in zip(batch.rows.tolist(), fps):
+                if self.slots.get((layer, slot), (None, None, None))[2] == expert and (layer, slot) not in batched:
+                    out.append((layer, slot, expert, int(fp)))
+                    batched.add((layer, slot))
+        for (layer, slot), (w13, w2, expert) in self.slots.items():
+            if (layer, slot) not in batched:
+                fp = fingerprint_stacked(w13.unsqueeze(0), w2.unsqueeze(0))[0]
+                out.append((layer, slot, expert, int(fp)))
+        return sorted(out)
 
 
 def _split(n: int, per_message: int) -> list[tuple[int, int]]:
@@ -83,19 +121,21 @@ def execute_rank_plan(
     group_rank: dict[int, int],
     fetch: FetchFn,
     timeout_s: float,
-    max_message_bytes: int = 256 << 20,
+    max_message_bytes: int = 1 << 30,
     on_phase: Optional[Callable[[str], None]] = None,
 ) -> StagedUpdate:
     """Run this rank's sends, receives, copies and fetches into a StagedUpdate.
 
     transport: a Transport (add_send/add_recv/execute). group_rank maps rank ids to
     ranks of the transport's group. ``on_phase`` is called with each phase name as it
-    starts (fault injection and progress reporting hook).
+    starts (fault injection and progress reporting hook). Storage fetches run in a
+    background thread (on their own CUDA stream) while the point-to-point exchange
+    runs; their errors are raised after the exchange, so peers never wait on storage.
     """
-    staged = StagedUpdate(epoch=epoch)
     w13, w2 = weights.w13, weights.w2
     shape13, shape2 = tuple(w13.shape[2:]), tuple(w2.shape[2:])
     n13 = int(np.prod(shape13))
+    staged = StagedUpdate(epoch=epoch, n13=n13)
     numel = weights.expert_numel
     elem = w13.element_size()
     per_message = max(1, max_message_bytes // (numel * elem))
@@ -104,50 +144,39 @@ def execute_rank_plan(
         if on_phase is not None:
             on_phase(name)
 
-    # Phase 1: point-to-point, packed per (stage, peer), ordered deadlock-free.
-    t0 = time.perf_counter()
-    phase("transfer")
-    recv_buffers: list[tuple[torch.Tensor, np.ndarray]] = []
-    for kind, stage, peer, rows in _messages(part, per_message):
-        if kind == "send":
-            flat = torch.cat(
-                [torch.cat([w13[l, s].reshape(-1), w2[l, s].reshape(-1)]) for l, s in rows[:, [LAYER, SRC_SLOT]]]
-            )
-            transport.add_send(flat, group_rank[peer])
-            staged.bytes_sent += flat.numel() * elem
-        else:
-            flat = torch.empty(len(rows) * numel, dtype=w13.dtype, device=w13.device)
-            transport.add_recv(flat, group_rank[peer])
-            recv_buffers.append((flat, rows))
-            staged.bytes_received += flat.numel() * elem
-    transport.execute(timeout_s)
-    for flat, rows in recv_buffers:
-        for i, (layer, expert, slot) in enumerate(rows[:, [LAYER, EXPERT, DST_SLOT]]):
-            chunk = flat[i * numel : (i + 1) * numel]
-            staged.slots[(int(layer), int(slot))] = (
-                chunk[:n13].view(shape13),
-                chunk[n13:].view(shape2),
-                int(expert),
-            )
-    staged.timings_s["transfer"] = time.perf_counter() - t0
-
-    # Phase 2: storage fetches for experts no live rank holds.
-    t0 = time.perf_counter()
+    # Storage fetches for experts no live rank holds: started first, overlapping the exchange.
+    fetcher = None
     if len(part.fetches):
         phase("fetch")
-        keys = sorted({(int(l), int(e)) for l, e, _, _ in part.fetches})
-        got = fetch(keys)
-        for layer, expert, _, slot in part.fetches:
-            a, b = got[(int(layer), int(expert))]
-            staged.slots[(int(layer), int(slot))] = (
-                a.to(device=w13.device, dtype=w13.dtype),
-                b.to(device=w2.device, dtype=w2.dtype),
-                int(expert),
-            )
-            staged.bytes_fetched += numel * elem
-    staged.timings_s["fetch"] = time.perf_counter() - t0
+        fetcher = _Fetcher(part.fetches, fetch, weights, staged.timings_s)
+        fetcher.start()
 
-    # Phase 3: copies within the rank (from live weights, or from a slot staged above).
+    # Point-to-point, packed per (stage, peer), ordered deadlock-free.
+    t0 = time.perf_counter()
+    phase("transfer")
+    recv_batches: list[tuple[torch.Tensor, np.ndarray]] = []
+    for kind, stage, peer, rows in _messages(part, per_message):
+        if kind == "send":
+            flat = _pack(weights, rows[:, LAYER], rows[:, SRC_SLOT], n13)
+            transport.add_send(flat.reshape(-1), group_rank[peer])
+            staged.bytes_sent += flat.numel() * elem
+        else:
+            flat = torch.empty((len(rows), numel), dtype=w13.dtype, device=w13.device)
+            transport.add_recv(flat.reshape(-1), group_rank[peer])
+            recv_batches.append((flat, rows[:, [LAYER, DST_SLOT, EXPERT]].astype(np.int64)))
+            staged.bytes_received += flat.numel() * elem
+    staged.timings_s["pack"] = time.perf_counter() - t0
+    transport.execute(timeout_s)
+    staged.timings_s["transfer"] = time.perf_counter() - t0
+    for flat, rows in recv_batches:
+        staged.add_batch(flat, rows, shape13, shape2)
+
+    if fetcher is not None:
+        flat, rows, sums = fetcher.join(timeout_s)
+        staged.add_batch(flat, rows, shape13, shape2, sums)
+        staged.bytes_fetched += flat.numel() * elem
+
+    # Copies within the rank (from live weights, or from a slot staged above).
     t0 = time.perf_counter()
     for layer, _, src_slot, dst_slot, after in part.copies:
         layer, src_slot, dst_slot = int(layer), int(src_slot), int(dst_slot)
@@ -158,6 +187,87 @@ def execute_rank_plan(
         staged.slots[(layer, dst_slot)] = (a.clone(), b.clone(), expert)
     staged.timings_s["copy"] = time.perf_counter() - t0
     return staged
+
+
+def _pack(weights: ExpertWeights, layers: np.ndarray, slots: np.ndarray, n13: int) -> torch.Tensor:
+    """Live experts at (layers[i], slots[i]) packed into one new flat [n, numel] tensor."""
+    w13, w2 = weights.w13, weights.w2
+    flat = torch.empty((len(layers), weights.expert_numel), dtype=w13.dtype, device=w13.device)
+    for i, (layer, slot) in enumerate(zip(layers.tolist(), slots.tolist())):
+        flat[i, :n13].copy_(w13[layer, slot].reshape(-1))
+        flat[i, n13:].copy_(w2[layer, slot].reshape(-1))
+    return flat
+
+
+_FETCH_CHUNK = 32  # experts copied per step of a fetch; the previous step is fingerprinted meanwhile
+
+
+def _on(stream):
+    """``torch.cuda.stream(stream)``, or nothing on the CPU."""
+    import contextlib
+
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+class _Fetcher:
+    """Background storage fetch into one packed batch, on its own CUDA stream where on a GPU."""
+
+    def __init__(self, fetches: np.ndarray, fetch: FetchFn, weights: ExpertWeights, timings: dict):
+        self.fetches, self.fetch, self.weights, self.timings = fetches, fetch, weights, timings
+        w13 = weights.w13  # allocated here, on the caller's stream, which uses it after join()
+        self.flat = torch.empty((len(fetches), weights.expert_numel), dtype=w13.dtype, device=w13.device)
+        self.rows = np.empty((len(fetches), 3), dtype=np.int64)
+        self.sums: Optional[torch.Tensor] = None
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, name="eep-fetch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self.flat.is_cuda:
+                torch.cuda.set_device(self.flat.device)
+                copy, compute = torch.cuda.Stream(self.flat.device), torch.cuda.Stream(self.flat.device)
+                self._fill(copy, compute)
+                compute.synchronize()  # host sources must outlive their copies; sums are done
+            else:
+                self._fill(None, None)
+        except BaseException as exc:  # re-raised in join(), on the caller's thread
+            self.error = exc
+        self.timings["fetch"] = time.perf_counter() - t0
+
+    def _fill(self, copy, compute) -> None:
+        """Copy chunk by chunk on ``copy`` while ``compute`` fingerprints the chunks already in."""
+        n13 = int(self.weights.w13[0, 0].numel())
+        got = self.fetch(sorted({(layer, expert) for layer, expert, _, _ in self.fetches.tolist()}))
+        todo = self.fetches.tolist()
+        sums = []
+        for lo in range(0, len(todo), _FETCH_CHUNK):
+            hi = min(len(todo), lo + _FETCH_CHUNK)
+            with _on(copy):
+                for i in range(lo, hi):
+                    layer, expert, _, slot = todo[i]
+                    a, b = got[(layer, expert)]
+                    self.flat[i, :n13].copy_(a.reshape(-1), non_blocking=True)
+                    self.flat[i, n13:].copy_(b.reshape(-1), non_blocking=True)
+                    self.rows[i] = (layer, slot, expert)
+            if compute is not None:
+                compute.wait_stream(copy)
+            with _on(compute):
+                sums.append(fingerprint_sums_flat(self.flat[lo:hi], n13))
+        with _on(compute):
+            self.sums = torch.cat(sums, dim=1) if sums else None
+
+    def join(self, timeout_s: float) -> tuple[torch.Tensor, np.ndarray]:
+        """The fetched batch; raises the fetch's own error, or TransferError past ``timeout_s``."""
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            raise TransferError(f"storage fetch of {len(self.fetches)} experts not done after {timeout_s:.1f} s")
+        if self.error is not None:
+            raise self.error
+        return self.flat, self.rows, self.sums
 
 
 def _messages(part: RankPlan, per_message: int):
@@ -182,10 +292,35 @@ def _messages(part: RankPlan, per_message: int):
 
 
 def commit(weights: ExpertWeights, staged: StagedUpdate) -> None:
-    """Copy staged slots into the live weights (the only place live weights change)."""
+    """Copy staged slots into the live weights (the only place live weights change).
+
+    Packed batches go in with one indexed copy per tensor; loose slots one by one.
+    """
+    w13, w2 = weights.w13, weights.w2
+    num_layers, spr = weights.experts.shape
+    n13 = staged.n13 or int(w13[0, 0].numel())
+    live13 = w13.view(num_layers * spr, -1)
+    live2 = w2.view(num_layers * spr, -1)
+    done = set()
+    for batch in staged.batches:
+        keep = [i for i, (layer, slot, expert) in enumerate(batch.rows.tolist())
+                if staged.slots.get((layer, slot), (None, None, None))[2] == expert and (layer, slot) not in done]
+        if not keep:
+            continue
+        rows = batch.rows[keep]
+        pick = torch.as_tensor(keep, device=batch.flat.device)
+        index = torch.as_tensor(rows[:, 0] * spr + rows[:, 1], device=w13.device)
+        src = batch.flat.index_select(0, pick) if len(keep) < len(batch.rows) else batch.flat
+        live13.index_copy_(0, index, src[:, :n13])
+        live2.index_copy_(0, index, src[:, n13:])
+        for layer, slot, expert in rows.tolist():
+            weights.experts[layer, slot] = expert
+            done.add((layer, slot))
     for (layer, slot), (a, b, expert) in staged.slots.items():
-        weights.w13[layer, slot].copy_(a)
-        weights.w2[layer, slot].copy_(b)
+        if (layer, slot) in done:
+            continue
+        w13[layer, slot].copy_(a)
+        w2[layer, slot].copy_(b)
         weights.experts[layer, slot] = expert
-    if weights.w13.is_cuda:
-        torch.cuda.synchronize(weights.w13.device)
+    if w13.is_cuda:
+        torch.cuda.synchronize(w13.device)

@@ -50,7 +50,7 @@ _INV_STEP = pow(_STEP, -1, _MOD)  # shifting the base pattern by s adds 7*s to t
 # Fingerprints: position weights (i % 65521) + 1 and an odd multiplier to mix w13 into w2.
 _FP_PRIME = 65521
 _FP_MIX = 0x9E3779B97F4A7C15
-_FP_BLOCK = 1 << 24  # int64 elements materialised per fingerprint step (128 MiB)
+_FP_BLOCK = 1 << 25  # products materialised per fingerprint step (128 MiB of int32)
 _U64 = (1 << 64) - 1
 
 
@@ -502,22 +502,56 @@ def read_spec(folder: PathLike) -> tuple[ModelSpec, str]:
 _INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _weighted_bit_sums(t: torch.Tensor) -> torch.Tensor:
-    """Per row of ``t: [n, ...]``: sum of raw bits x ((position % 65521) + 1), int64 ``[n]``, on t's device.
+def _position_weights(stop: int, device: torch.device) -> torch.Tensor:
+    """``(i % 65521) + 1`` for i in [0, stop), int32, cached per device (grown on demand)."""
+    key = str(device)
+    have = _WEIGHTS.get(key)
+    if have is None or have.numel() < stop:
+        size = max(stop, 0 if have is None else 2 * have.numel())
+        have = torch.arange(size, dtype=torch.int64, device=device).remainder_(_FP_PRIME).add_(1).to(torch.int32)
+        _WEIGHTS[key] = have
+    return have[:stop]
 
-    The int64 sum wraps on overflow (exact and order-independent modulo 2**64). Works
-    in column blocks so at most ~_FP_BLOCK int64 values exist at once.
+
+_WEIGHTS: dict[str, torch.Tensor] = {}
+
+
+def _weighted_bit_sums(bits: torch.Tensor) -> torch.Tensor:
+    """Per row of raw bits ``[n, m]`` (any strides): sum of bits x ((column % 65521) + 1), int64 ``[n]``.
+
+    The int64 sum wraps on overflow (exact and order-independent modulo 2**64). For
+    1- and 2-byte bits the products are exact in int32 (|bits| <= 2**15, weight <
+    2**16), which halves the memory traffic; wider bits multiply in int64. Works in
+    column blocks so at most ~_FP_BLOCK products exist at once.
     """
-    n = t.shape[0]
-    bits = t.detach().contiguous().view(_INT_VIEWS[t.element_size()]).reshape(n, -1)
-    m = bits.shape[1]
-    total = torch.zeros(n, dtype=torch.int64, device=t.device)
-    block = max(1, _FP_BLOCK // max(n, 1))
+    n, m = bits.shape
+    total = torch.zeros(n, dtype=torch.int64, device=bits.device)
+    if n == 0 or m == 0:
+        return total
+    narrow = bits.element_size() <= 2
+    weights = _position_weights(m, bits.device)
+    block = max(1, _FP_BLOCK // n)
     for start in range(0, m, block):
         stop = min(m, start + block)
-        weight = torch.arange(start, stop, dtype=torch.int64, device=t.device).remainder_(_FP_PRIME).add_(1)
-        total += (bits[:, start:stop].to(torch.int64) * weight).sum(dim=1)
+        if narrow:
+            prod = bits[:, start:stop] * weights[start:stop]  # promotes to int32
+        else:
+            prod = bits[:, start:stop].to(torch.int64) * weights[start:stop].to(torch.int64)
+        total += prod.sum(dim=1, dtype=torch.int64)
     return total
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's raw bits, same shape, as the signed integer type of its element size."""
+    return t.detach().view(_INT_VIEWS[t.element_size()])
+
+
+def _mix(s13: list[int], s2: list[int]) -> list[int]:
+    out = []
+    for a, b in zip(s13, s2):
+        h = ((a & _U64) * _FP_MIX + (b & _U64)) & _U64  # odd multiplier: a change in either sum survives
+        out.append(h - (1 << 64) if h >= 1 << 63 else h)  # signed, so it fits numpy int64
+    return out
 
 
 def fingerprint_stacked(w13: torch.Tensor, w2: torch.Tensor) -> list[int]:
@@ -527,13 +561,36 @@ def fingerprint_stacked(w13: torch.Tensor, w2: torch.Tensor) -> list[int]:
     """
     if w13.dim() != 3 or w2.dim() != 3 or w13.shape[0] != w2.shape[0]:
         raise ValueError(f"expected w13 [n, 2I, H] and w2 [n, H, I], got {tuple(w13.shape)} and {tuple(w2.shape)}")
-    s13 = _weighted_bit_sums(w13).tolist()
-    s2 = _weighted_bit_sums(w2).tolist()
-    out = []
-    for a, b in zip(s13, s2):
-        h = ((a & _U64) * _FP_MIX + (b & _U64)) & _U64  # odd multiplier: a change in either sum survives
-        out.append(h - (1 << 64) if h >= 1 << 63 else h)  # signed, so it fits numpy int64
-    return out
+    n = w13.shape[0]
+    s13 = _weighted_bit_sums(_as_bits(w13).reshape(n, -1)).tolist()
+    s2 = _weighted_bit_sums(_as_bits(w2).reshape(n, -1)).tolist()
+    return _mix(s13, s2)
+
+
+def fingerprint_sums_flat(flat: torch.Tensor, n13: int) -> torch.Tensor:
+    """Weighted bit sums of packed experts ``flat: [n, numel]``: int64 ``[2, n]`` (w13 row, w2 row).
+
+    Queued on the current stream without waiting for it: fingerprinting can overlap
+    other copies. ``fingerprints_from_sums`` turns the result into fingerprints.
+    """
+    if flat.dim() != 2 or not 0 < n13 < flat.shape[1]:
+        raise ValueError(f"expected flat [n, numel] with 0 < n13 < numel, got {tuple(flat.shape)} and n13={n13}")
+    bits = _as_bits(flat)
+    return torch.stack([_weighted_bit_sums(bits[:, :n13]), _weighted_bit_sums(bits[:, n13:])])
+
+
+def fingerprints_from_sums(sums: torch.Tensor) -> list[int]:
+    """Fingerprints from ``fingerprint_sums_flat``'s ``[2, n]`` sums (waits for them)."""
+    s13, s2 = sums.tolist()
+    return _mix(s13, s2)
+
+
+def fingerprint_flat(flat: torch.Tensor, n13: int) -> list[int]:
+    """Fingerprints of packed experts ``flat: [n, numel]`` (each row w13 flattened, then w2).
+
+    Equal to ``fingerprint_stacked`` of the unpacked tensors, without unpacking.
+    """
+    return fingerprints_from_sums(fingerprint_sums_flat(flat, n13))
 
 
 def fingerprint(w13: torch.Tensor, w2: torch.Tensor) -> int:

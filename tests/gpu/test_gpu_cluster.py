@@ -71,17 +71,16 @@ def test_kill_mid_transfer_is_bounded_and_retried(ray_gpu, checkpoint):
 
     with ElasticEPCluster(_config(checkpoint, name="gpu2", auto_recover=False)) as c:
         c.run_workload(batches=8, zipf_s=1.3)
-        before = c.status()["layout"]
+        before_epoch = c.status()["epoch"]
         c.arm_fault(1, "transfer_recv", 0.0)  # rank 1 dies as the exchange starts
         t0 = time.monotonic()
         rep = c.rebalance()
         elapsed = time.monotonic() - t0
-        assert rep["failures"], rep  # the first attempt failed on the dead peer...
-        assert rep["attempt"] > 1 or rep["failures"]
+        assert rep["failures"] and rep["attempt"] > 1, rep  # the first attempt failed on the dead peer...
         assert elapsed < 10.0 * 3 + 60, elapsed  # ...within its bounded timeout, then re-planned
         assert "1" in rep["replaced"] or 1 in rep.get("dropped", [])
         layout = ExpertLayout.from_dict(c.status()["layout"])
         layout.validate()
-        ver = c.verify(against_checkpoint=True)
+        ver = c.verify(against_checkpoint=True)  # survivors' weights intact, every slot as planned
         assert ver["ok"], ver
-        assert before is not None
+        assert c.status()["epoch"] > before_epoch  # the retry committed a new layout

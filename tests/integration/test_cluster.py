@@ -69,6 +69,13 @@ def test_kill_recovers_from_spare_with_peers_and_backups(cluster):
     victim_rank = 2
     victim = st["ranks"][victim_rank] if victim_rank in st["ranks"] else st["ranks"][str(victim_rank)]
     spare = st["spares"][0]
+    # The hot spare has mapped every host backup ahead of need (page-locking is GPU-only).
+    deadline = time.monotonic() + 60
+    while st["spares_prepared"].get(spare) in (None, "preparing") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        st = cluster.status()
+    assert st["spares_prepared"][spare]["experts"] == st["backed_up"] == SMALL.num_layers * SMALL.num_experts
+    assert st["spares_prepared"][spare]["pinned_bytes"] == 0
     cluster.kill(victim_rank)
     st = cluster.wait_healthy(timeout_s=90)
     rec = _last(st, "recover")

@@ -418,3 +418,45 @@ def test_fingerprint_stacked_matches_single():
     assert fingerprint_stacked(t13, t2) == fingerprint_stacked(w13, w2)
     with pytest.raises(ValueError, match=r"\(5, 16, 8\)"):
         fingerprint_stacked(w13, w2[:5])
+
+
+def _reference_sums(bits: np.ndarray) -> list[int]:
+    """The definition, in exact Python integers: sum of bits x ((i % 65521) + 1), wrapped to int64."""
+    weights = (np.arange(bits.shape[1], dtype=np.int64) % 65521) + 1
+    out = []
+    for row in bits.astype(np.int64):
+        total = int(sum(int(v) * int(w) for v, w in zip(row.tolist(), weights.tolist())))
+        out.append(total)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weighted_sums_match_the_definition_at_the_extremes(dtype):
+    from elastic_ep.storage import _as_bits, _weighted_bit_sums
+
+    # Positions past 65521 wrap the weight; the extreme bit patterns give the largest products.
+    n = 65521 + 50
+    int_view = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    info = torch.iinfo(int_view)
+    bits = torch.full((3, n), info.max, dtype=int_view)
+    bits[1] = info.min
+    bits[2, ::2] = info.min
+    values = bits.view(dtype)
+    got = _weighted_bit_sums(_as_bits(values)).tolist()
+    want = [((v + (1 << 63)) % (1 << 64)) - (1 << 63) for v in _reference_sums(bits.numpy())]
+    assert got == want
+
+
+def test_fingerprint_flat_equals_stacked_on_packed_and_strided_rows():
+    from elastic_ep.storage import fingerprint_flat
+
+    w13 = torch.stack([expected_expert(SPEC, 2, e)[0] for e in range(SPEC.num_experts)])
+    w2 = torch.stack([expected_expert(SPEC, 2, e)[1] for e in range(SPEC.num_experts)])
+    n = SPEC.num_experts
+    flat = torch.cat([w13.reshape(n, -1), w2.reshape(n, -1)], dim=1)
+    assert fingerprint_flat(flat, w13[0].numel()) == fingerprint_stacked(w13, w2)
+    wide = torch.zeros(n, flat.shape[1] + 7, dtype=flat.dtype)  # rows with a stride longer than a row
+    wide[:, 3: 3 + flat.shape[1]] = flat
+    assert fingerprint_flat(wide[:, 3: 3 + flat.shape[1]], w13[0].numel()) == fingerprint_stacked(w13, w2)
+    with pytest.raises(ValueError, match="n13"):
+        fingerprint_flat(flat, flat.shape[1])
