@@ -136,7 +136,8 @@ class Controller:
             if self.cfg.device != "cuda":
                 opts["num_cpus"] = PIN_CPUS
         handle = cls.options(**opts).remote(
-            wid, self.spec, self.cfg.slots_per_rank, self.cfg.device, self.cfg.checkpoint, self.cfg.preset
+            wid, self.spec, self.cfg.slots_per_rank, self.cfg.device, self.cfg.checkpoint, self.cfg.preset,
+            self.cfg.staging_reserve,
         )
         self.handles[wid] = handle
         return wid

@@ -36,6 +36,7 @@ class ExpertWorker:
         device: str = "cpu",
         checkpoint: Optional[str] = None,
         preset: str = "deepseek",
+        staging_reserve: float = 0.0,
     ):
         from elastic_ep.transport import register_backends
 
@@ -59,6 +60,8 @@ class ExpertWorker:
             experts=np.full(shape, -1, dtype=np.int64),
         )
         self._staged: Optional[StagedUpdate] = None
+        self._reserved = 0  # bytes of staging already taken into torch's allocator cache
+        self._reserve_staging(staging_reserve)
         self._groups: dict[str, tuple[int, int]] = {}  # group name -> (world, group rank)
         self._slot_tokens = np.zeros(shape, dtype=np.float64)
         self._busy: Optional[str] = None
@@ -66,6 +69,19 @@ class ExpertWorker:
         self._prep_lock = threading.Lock()
         self._prepared: Optional[tuple[dict, object]] = None  # (host backups by key, their PinnedRegion)
         self.faults = FaultInjector(WORKER_PHASES)
+
+    def _reserve_staging(self, fraction: float) -> None:
+        """Allocate and free ``fraction`` of this rank's expert bytes on the GPU, once.
+
+        torch keeps the freed block cached, so later staging buffers are carved from it
+        instead of calling cudaMalloc on the critical path (tens of ms per GB).
+        """
+        want = int(fraction * (self.weights.w13.numel() + self.weights.w2.numel()))
+        if self.device.type != "cuda" or want <= self._reserved:
+            return
+        block = torch.empty(want, dtype=self.weights.w13.dtype, device=self.device)
+        del block
+        self._reserved = want
 
     # -- control (concurrency group "control") ----------------------------------------
 
@@ -173,11 +189,7 @@ class ExpertWorker:
         region = None
         if self.device.type == "cuda" and arrays:
             region = PinnedRegion([a for pair in arrays.values() for a in pair])
-            # Staging for a whole rank, allocated once and left in torch's cache: a takeover's
-            # buffers then come from the cache instead of fresh cudaMalloc calls.
-            del_me = torch.empty(self.weights.w13.numel() + self.weights.w2.numel(), dtype=self.weights.w13.dtype,
-                                 device=self.device)
-            del del_me
+            self._reserve_staging(1.05)  # a takeover stages a whole rank
         with self._prep_lock:
             old = self._prepared
             self._prepared = (arrays, region)

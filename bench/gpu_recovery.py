@@ -321,7 +321,9 @@ def run_elastic(spec, ckpt, num_gpus, args, workdir) -> tuple[dict, ExpertLayout
         out["rebalance"] = reb
         wt = reb["worker_timings"]
         xfer = max((t.get("transfer", 0.0) for t in wt.values()), default=0.0)
+        exch = max((t.get("exchange", 0.0) for t in wt.values()), default=0.0)
         out["rebalance_p2p_GBps"] = reb["bytes_p2p"] / xfer / GB if xfer else None
+        out["rebalance_exchange_GBps"] = reb["bytes_p2p"] / exch / GB if exch else None
         assert cluster.verify()["ok"]
         out["spare_prepared"] = _wait_spare_prepared(cluster, timeout_s=300)
         before = ExpertLayout.from_dict(cluster.status()["layout"])
@@ -438,7 +440,9 @@ def print_table(r: dict) -> None:
     reb = e["rebalance"]
     print(f"{'4. elastic-ep: load-driven rebalance':52s} {reb['total_s']:9.3f}  "
           f"p2p {reb['bytes_p2p'] / GB:.2f} GB at {e['rebalance_p2p_GBps'] or 0:.0f} GB/s "
-          f"({100 * (e['rebalance_p2p_GBps'] or 0) / c['bidirectional_GBps']:.0f}% of bidirectional ceiling)")
+          f"({100 * (e['rebalance_p2p_GBps'] or 0) / c['bidirectional_GBps']:.0f}% of bidirectional ceiling) with "
+          f"packing; NCCL exchange alone {e.get('rebalance_exchange_GBps') or 0:.0f} GB/s "
+          f"({100 * (e.get('rebalance_exchange_GBps') or 0) / c['bidirectional_GBps']:.0f}%)")
     if b and k2c:
         print()
         print(f"speed-up of elastic-ep recovery: x{b['disk_cold_s'] / k2c:.1f} vs cold disk reload, "

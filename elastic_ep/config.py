@@ -77,6 +77,9 @@ class ClusterConfig:
     # Hot spares map every host backup ahead of a takeover (page-locked on GPUs), so a
     # replacement copies them at DMA speed instead of through pageable memory.
     prepare_spares: bool = True
+    # GPU staging kept in torch's allocator cache, as a fraction of a rank's expert bytes
+    # (hot spares keep a whole rank's worth): transfers then allocate without cudaMalloc.
+    staging_reserve: float = 0.6
     call_timeout_s: float = 60.0  # bound on every remote call
     transfer_timeout_s: float = 30.0  # bound on one transfer phase; peers are aborted after it
     startup_timeout_s: float = 120.0  # bound on starting and loading one worker
@@ -117,5 +120,7 @@ class ClusterConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.gpu_fractions is not None and any(not 0 < g <= 8 for g in self.gpu_fractions):
             raise ConfigError(f"gpu_fractions must be in (0, 8], got {self.gpu_fractions}")
+        if not 0 <= self.staging_reserve <= 4:
+            raise ConfigError(f"staging_reserve must be in [0, 4], got {self.staging_reserve}")
         if self.load_window <= 0:
             raise ConfigError(f"load_window must be >= 1, got {self.load_window}")

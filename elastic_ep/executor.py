@@ -166,7 +166,9 @@ def execute_rank_plan(
             recv_batches.append((flat, rows[:, [LAYER, DST_SLOT, EXPERT]].astype(np.int64)))
             staged.bytes_received += flat.numel() * elem
     staged.timings_s["pack"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
     transport.execute(timeout_s)
+    staged.timings_s["exchange"] = time.perf_counter() - t1
     staged.timings_s["transfer"] = time.perf_counter() - t0
     for flat, rows in recv_batches:
         staged.add_batch(flat, rows, shape13, shape2)
@@ -241,7 +243,9 @@ class _Fetcher:
     def _fill(self, copy, compute) -> None:
         """Copy chunk by chunk on ``copy`` while ``compute`` fingerprints the chunks already in."""
         n13 = int(self.weights.w13[0, 0].numel())
+        t0 = time.perf_counter()
         got = self.fetch(sorted({(layer, expert) for layer, expert, _, _ in self.fetches.tolist()}))
+        self.timings["fetch_lookup"] = time.perf_counter() - t0
         todo = self.fetches.tolist()
         sums = []
         for lo in range(0, len(todo), _FETCH_CHUNK):
@@ -259,6 +263,10 @@ class _Fetcher:
                 sums.append(fingerprint_sums_flat(self.flat[lo:hi], n13))
         with _on(compute):
             self.sums = torch.cat(sums, dim=1) if sums else None
+        if copy is not None:
+            t0 = time.perf_counter()
+            copy.synchronize()
+            self.timings["fetch_copy_wait"] = time.perf_counter() - t0
 
     def join(self, timeout_s: float) -> tuple[torch.Tensor, np.ndarray]:
         """The fetched batch; raises the fetch's own error, or TransferError past ``timeout_s``."""
