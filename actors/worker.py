@@ -184,8 +184,12 @@ class ExpertWorker:
 
         t0 = time.perf_counter()
         keys = list(backup_refs)
+        from actors.backup import from_host_array
+
         values = ray.get([backup_refs[k] for k in keys], timeout=timeout_s) if keys else []
-        arrays = {tuple(int(x) for x in k): v for k, v in zip(keys, values)}
+        dtype = self.spec.dtype  # host tensors made once here, not at takeover time
+        arrays = {tuple(int(x) for x in k): (from_host_array(a, dtype), from_host_array(b, dtype))
+                  for k, (a, b) in zip(keys, values)}
         region = None
         if self.device.type == "cuda" and arrays:
             region = PinnedRegion([a for pair in arrays.values() for a in pair])
@@ -312,8 +316,10 @@ class ExpertWorker:
                 pass  # a lost backup: those experts fall through to the checkpoint
         out = {}
         for k, (a13, a2) in arrays.items():
-            out[k] = (from_host_array(a13, self.spec.dtype), from_host_array(a2, self.spec.dtype))
-            stats["from_backup"] += a13.nbytes + a2.nbytes
+            if isinstance(a13, np.ndarray):
+                a13, a2 = from_host_array(a13, self.spec.dtype), from_host_array(a2, self.spec.dtype)
+            out[k] = (a13, a2)
+            stats["from_backup"] += (a13.numel() + a2.numel()) * a13.element_size()
         rest = [tuple(k) for k in keys if tuple(k) not in out]
         if rest:
             out.update(self._read_checkpoint(rest, stats))

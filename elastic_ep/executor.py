@@ -6,7 +6,9 @@ live weights exactly as they were.
 
 Point-to-point traffic is packed: all experts one rank sends to one peer in one
 stage travel as a few large flat messages (at most ``max_message_bytes`` each),
-which both sides cut identically from the same ordered plan.
+which both sides cut identically from the same ordered plan. A message of n experts
+is ``[w13 of each: n x 2I*H][w2 of each: n x H*I]``, so each half is packed with one
+indexed gather and committed with one indexed copy.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from .plan import DST, DST_SLOT, EXPERT, LAYER, SRC, SRC_SLOT, STAGE, RankPlan
 from .errors import TransferError
-from .storage import fingerprint_stacked, fingerprint_sums_flat, fingerprints_from_sums
+from .storage import fingerprint_stacked, fingerprint_sums, fingerprints_from_sums
 
 # fetch(keys) -> {(layer, expert): (w13, w2)} from a backup or the checkpoint
 FetchFn = Callable[[list[tuple[int, int]]], dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]]
@@ -55,14 +57,15 @@ class ExpertWeights:
 
 @dataclass
 class StagedBatch:
-    """Experts that arrived together, packed: flat [n, numel] (each row w13 flattened, then w2).
+    """Experts that arrived together, packed: a13 [n, 2I*H] and a2 [n, H*I], views of one message.
 
     rows: [n, 3] int64 (layer, slot, expert) of each packed expert.
     """
 
-    flat: torch.Tensor
+    a13: torch.Tensor
+    a2: torch.Tensor
     rows: np.ndarray
-    sums: Optional[torch.Tensor] = None  # fingerprint_sums_flat(flat), computed as soon as flat is whole
+    sums: Optional[torch.Tensor] = None  # fingerprint_sums(a13, a2), started as soon as the data is whole
 
 
 @dataclass
@@ -83,12 +86,13 @@ class StagedUpdate:
 
     def add_batch(self, flat: torch.Tensor, rows: np.ndarray, shape13: tuple, shape2: tuple,
                   sums: Optional[torch.Tensor] = None) -> None:
-        """Stage a packed batch; its rows become views in ``slots``. Starts its fingerprinting (no wait)."""
+        """Stage a packed message ``flat`` (1-D); its rows become views in ``slots``. Starts fingerprinting."""
+        a13, a2 = _halves(flat, len(rows), self.n13)
         if sums is None and len(rows):
-            sums = fingerprint_sums_flat(flat, self.n13)
-        self.batches.append(StagedBatch(flat, rows, sums))
+            sums = fingerprint_sums(a13, a2)
+        self.batches.append(StagedBatch(a13, a2, rows, sums))
         for i, (layer, slot, expert) in enumerate(rows.tolist()):
-            self.slots[(layer, slot)] = (flat[i, : self.n13].view(shape13), flat[i, self.n13 :].view(shape2), expert)
+            self.slots[(layer, slot)] = (a13[i].view(shape13), a2[i].view(shape2), expert)
 
     def fingerprints(self) -> list[tuple[int, int, int, int]]:
         """(layer, slot, expert, fingerprint) for every staged slot, sorted; packed batches in one pass each."""
@@ -97,7 +101,7 @@ class StagedUpdate:
         for batch in self.batches:
             if not len(batch.rows):
                 continue
-            fps = fingerprints_from_sums(batch.sums if batch.sums is not None else fingerprint_sums_flat(batch.flat, self.n13))
+            fps = fingerprints_from_sums(batch.sums if batch.sums is not None else fingerprint_sums(batch.a13, batch.a2))
             for (layer, slot, expert), fp in zip(batch.rows.tolist(), fps):
                 if self.slots.get((layer, slot), (None, None, None))[2] == expert and (layer, slot) not in batched:
                     out.append((layer, slot, expert, int(fp)))
@@ -107,6 +111,11 @@ class StagedUpdate:
                 fp = fingerprint_stacked(w13.unsqueeze(0), w2.unsqueeze(0))[0]
                 out.append((layer, slot, expert, int(fp)))
         return sorted(out)
+
+
+def _halves(flat: torch.Tensor, n: int, n13: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of a 1-D message of n experts: w13 rows [n, n13] and w2 rows [n, rest]."""
+    return flat[: n * n13].view(n, n13), flat[n * n13 :].view(n, -1)
 
 
 def _split(n: int, per_message: int) -> list[tuple[int, int]]:
@@ -158,11 +167,11 @@ def execute_rank_plan(
     for kind, stage, peer, rows in _messages(part, per_message):
         if kind == "send":
             flat = _pack(weights, rows[:, LAYER], rows[:, SRC_SLOT], n13)
-            transport.add_send(flat.reshape(-1), group_rank[peer])
+            transport.add_send(flat, group_rank[peer])
             staged.bytes_sent += flat.numel() * elem
         else:
-            flat = torch.empty((len(rows), numel), dtype=w13.dtype, device=w13.device)
-            transport.add_recv(flat.reshape(-1), group_rank[peer])
+            flat = torch.empty(len(rows) * numel, dtype=w13.dtype, device=w13.device)
+            transport.add_recv(flat, group_rank[peer])
             recv_batches.append((flat, rows[:, [LAYER, DST_SLOT, EXPERT]].astype(np.int64)))
             staged.bytes_received += flat.numel() * elem
     staged.timings_s["pack"] = time.perf_counter() - t0
@@ -192,12 +201,16 @@ def execute_rank_plan(
 
 
 def _pack(weights: ExpertWeights, layers: np.ndarray, slots: np.ndarray, n13: int) -> torch.Tensor:
-    """Live experts at (layers[i], slots[i]) packed into one new flat [n, numel] tensor."""
+    """Live experts at (layers[i], slots[i]) packed into one new 1-D message (see the module docstring)."""
     w13, w2 = weights.w13, weights.w2
-    flat = torch.empty((len(layers), weights.expert_numel), dtype=w13.dtype, device=w13.device)
-    for i, (layer, slot) in enumerate(zip(layers.tolist(), slots.tolist())):
-        flat[i, :n13].copy_(w13[layer, slot].reshape(-1))
-        flat[i, n13:].copy_(w2[layer, slot].reshape(-1))
+    num_layers, spr = w13.shape[:2]
+    n = len(layers)
+    flat = torch.empty(n * weights.expert_numel, dtype=w13.dtype, device=w13.device)
+    index = torch.as_tensor(np.asarray(layers, dtype=np.int64) * spr + np.asarray(slots, dtype=np.int64),
+                            device=w13.device)
+    a13, a2 = _halves(flat, n, n13)
+    torch.index_select(w13.view(num_layers * spr, -1), 0, index, out=a13)
+    torch.index_select(w2.view(num_layers * spr, -1), 0, index, out=a2)
     return flat
 
 
@@ -217,7 +230,8 @@ class _Fetcher:
     def __init__(self, fetches: np.ndarray, fetch: FetchFn, weights: ExpertWeights, timings: dict):
         self.fetches, self.fetch, self.weights, self.timings = fetches, fetch, weights, timings
         w13 = weights.w13  # allocated here, on the caller's stream, which uses it after join()
-        self.flat = torch.empty((len(fetches), weights.expert_numel), dtype=w13.dtype, device=w13.device)
+        self.flat = torch.empty(len(fetches) * weights.expert_numel, dtype=w13.dtype, device=w13.device)
+        self.a13, self.a2 = _halves(self.flat, len(fetches), int(w13[0, 0].numel()))
         self.rows = np.empty((len(fetches), 3), dtype=np.int64)
         self.sums: Optional[torch.Tensor] = None
         self.error: Optional[BaseException] = None
@@ -242,7 +256,6 @@ class _Fetcher:
 
     def _fill(self, copy, compute) -> None:
         """Copy chunk by chunk on ``copy`` while ``compute`` fingerprints the chunks already in."""
-        n13 = int(self.weights.w13[0, 0].numel())
         t0 = time.perf_counter()
         got = self.fetch(sorted({(layer, expert) for layer, expert, _, _ in self.fetches.tolist()}))
         self.timings["fetch_lookup"] = time.perf_counter() - t0
@@ -254,13 +267,13 @@ class _Fetcher:
                 for i in range(lo, hi):
                     layer, expert, _, slot = todo[i]
                     a, b = got[(layer, expert)]
-                    self.flat[i, :n13].copy_(a.reshape(-1), non_blocking=True)
-                    self.flat[i, n13:].copy_(b.reshape(-1), non_blocking=True)
+                    self.a13[i].copy_(a.reshape(-1), non_blocking=True)
+                    self.a2[i].copy_(b.reshape(-1), non_blocking=True)
                     self.rows[i] = (layer, slot, expert)
             if compute is not None:
                 compute.wait_stream(copy)
             with _on(compute):
-                sums.append(fingerprint_sums_flat(self.flat[lo:hi], n13))
+                sums.append(fingerprint_sums(self.a13[lo:hi], self.a2[lo:hi]))
         with _on(compute):
             self.sums = torch.cat(sums, dim=1) if sums else None
         if copy is not None:
@@ -306,7 +319,6 @@ def commit(weights: ExpertWeights, staged: StagedUpdate) -> None:
     """
     w13, w2 = weights.w13, weights.w2
     num_layers, spr = weights.experts.shape
-    n13 = staged.n13 or int(w13[0, 0].numel())
     live13 = w13.view(num_layers * spr, -1)
     live2 = w2.view(num_layers * spr, -1)
     done = set()
@@ -316,11 +328,14 @@ def commit(weights: ExpertWeights, staged: StagedUpdate) -> None:
         if not keep:
             continue
         rows = batch.rows[keep]
-        pick = torch.as_tensor(keep, device=batch.flat.device)
         index = torch.as_tensor(rows[:, 0] * spr + rows[:, 1], device=w13.device)
-        src = batch.flat.index_select(0, pick) if len(keep) < len(batch.rows) else batch.flat
-        live13.index_copy_(0, index, src[:, :n13])
-        live2.index_copy_(0, index, src[:, n13:])
+        if len(keep) < len(batch.rows):
+            pick = torch.as_tensor(keep, device=batch.a13.device)
+            live13.index_copy_(0, index, batch.a13.index_select(0, pick))
+            live2.index_copy_(0, index, batch.a2.index_select(0, pick))
+        else:
+            live13.index_copy_(0, index, batch.a13)
+            live2.index_copy_(0, index, batch.a2)
         for layer, slot, expert in rows.tolist():
             weights.experts[layer, slot] = expert
             done.add((layer, slot))

@@ -567,30 +567,21 @@ def fingerprint_stacked(w13: torch.Tensor, w2: torch.Tensor) -> list[int]:
     return _mix(s13, s2)
 
 
-def fingerprint_sums_flat(flat: torch.Tensor, n13: int) -> torch.Tensor:
-    """Weighted bit sums of packed experts ``flat: [n, numel]``: int64 ``[2, n]`` (w13 row, w2 row).
+def fingerprint_sums(a13: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    """Weighted bit sums of experts given as rows, ``a13: [n, 2I*H]`` and ``a2: [n, H*I]`` (any strides).
 
-    Queued on the current stream without waiting for it: fingerprinting can overlap
-    other copies. ``fingerprints_from_sums`` turns the result into fingerprints.
+    Returns int64 ``[2, n]``, queued on the current stream without waiting for it, so
+    fingerprinting can overlap other copies; ``fingerprints_from_sums`` finishes it.
     """
-    if flat.dim() != 2 or not 0 < n13 < flat.shape[1]:
-        raise ValueError(f"expected flat [n, numel] with 0 < n13 < numel, got {tuple(flat.shape)} and n13={n13}")
-    bits = _as_bits(flat)
-    return torch.stack([_weighted_bit_sums(bits[:, :n13]), _weighted_bit_sums(bits[:, n13:])])
+    if a13.dim() != 2 or a2.dim() != 2 or a13.shape[0] != a2.shape[0]:
+        raise ValueError(f"expected a13 [n, m13] and a2 [n, m2], got {tuple(a13.shape)} and {tuple(a2.shape)}")
+    return torch.stack([_weighted_bit_sums(_as_bits(a13)), _weighted_bit_sums(_as_bits(a2))])
 
 
 def fingerprints_from_sums(sums: torch.Tensor) -> list[int]:
-    """Fingerprints from ``fingerprint_sums_flat``'s ``[2, n]`` sums (waits for them)."""
+    """Fingerprints from ``fingerprint_sums``' ``[2, n]`` result (waits for it); equal to ``fingerprint_stacked``."""
     s13, s2 = sums.tolist()
     return _mix(s13, s2)
-
-
-def fingerprint_flat(flat: torch.Tensor, n13: int) -> list[int]:
-    """Fingerprints of packed experts ``flat: [n, numel]`` (each row w13 flattened, then w2).
-
-    Equal to ``fingerprint_stacked`` of the unpacked tensors, without unpacking.
-    """
-    return fingerprints_from_sums(fingerprint_sums_flat(flat, n13))
 
 
 def fingerprint(w13: torch.Tensor, w2: torch.Tensor) -> int:

@@ -447,16 +447,16 @@ def test_weighted_sums_match_the_definition_at_the_extremes(dtype):
     assert got == want
 
 
-def test_fingerprint_flat_equals_stacked_on_packed_and_strided_rows():
-    from elastic_ep.storage import fingerprint_flat
+def test_fingerprint_sums_equal_stacked_on_packed_and_strided_rows():
+    from elastic_ep.storage import fingerprint_sums, fingerprints_from_sums
 
     w13 = torch.stack([expected_expert(SPEC, 2, e)[0] for e in range(SPEC.num_experts)])
     w2 = torch.stack([expected_expert(SPEC, 2, e)[1] for e in range(SPEC.num_experts)])
     n = SPEC.num_experts
-    flat = torch.cat([w13.reshape(n, -1), w2.reshape(n, -1)], dim=1)
-    assert fingerprint_flat(flat, w13[0].numel()) == fingerprint_stacked(w13, w2)
-    wide = torch.zeros(n, flat.shape[1] + 7, dtype=flat.dtype)  # rows with a stride longer than a row
-    wide[:, 3: 3 + flat.shape[1]] = flat
-    assert fingerprint_flat(wide[:, 3: 3 + flat.shape[1]], w13[0].numel()) == fingerprint_stacked(w13, w2)
-    with pytest.raises(ValueError, match="n13"):
-        fingerprint_flat(flat, flat.shape[1])
+    want = fingerprint_stacked(w13, w2)
+    assert fingerprints_from_sums(fingerprint_sums(w13.reshape(n, -1), w2.reshape(n, -1))) == want
+    flat = torch.cat([w13.reshape(n, -1), w2.reshape(n, -1)], dim=1)  # rows with a stride longer than a half
+    m13 = w13[0].numel()
+    assert fingerprints_from_sums(fingerprint_sums(flat[:, :m13], flat[:, m13:])) == want
+    with pytest.raises(ValueError, match="a13"):
+        fingerprint_sums(flat[:, :m13], flat[:3, m13:])
