@@ -114,7 +114,10 @@ def cmd_chaos(args) -> int:
     from .chaos import run_chaos
 
     result = run_chaos(kills=args.kills, seed=args.seed, workdir=args.workdir, progress=True)
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:  # Ray prints a line per killed worker: a file keeps the summary clean
+        Path(args.json).write_text(text + "\n")
     return 0 if result["ok"] else 1
 
 
@@ -142,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--kills", type=int, default=30)
     ch.add_argument("--seed", type=int, default=0)
     ch.add_argument("--workdir", default=None)
+    ch.add_argument("--json", default=None, help="also write the summary to this file")
     ch.set_defaults(func=cmd_chaos)
     return p
 

@@ -1,0 +1,44 @@
+"""The console entry point as users run it, in its own process: the demo and a short chaos run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(args, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "elastic_ep.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=260)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def test_demo_verifies_every_slot(tmp_path):
+    out = _run(["demo", "--workdir", str(tmp_path / "work")], tmp_path)
+    assert "all slots verified" in out and "FAILED" not in out
+
+
+def test_chaos_writes_its_summary_to_a_file(tmp_path):
+    target = tmp_path / "chaos.json"
+    _run(["chaos", "--kills", "2", "--seed", "5", "--workdir", str(tmp_path / "work"), "--json", str(target)], tmp_path)
+    summary = json.loads(target.read_text())
+    assert summary["ok"] is True
+    assert summary["kills"] >= 2 and summary["kills_survived"] == summary["kills"]
+    assert summary["hangs"] == 0 and summary["corrupted_slots"] == 0 and summary["lost_experts"] == 0
+
+
+def test_bad_arguments_exit_with_usage(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "elastic_ep.cli", "chaos", "--kills", "zero"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "invalid int value" in proc.stderr
