@@ -82,6 +82,7 @@ class Controller:
         self.members: dict[int, str] = {}  # rank id -> worker id
         self.spares: list[str] = []
         self.preparing: dict = {}  # spare worker id -> ObjectRef of its prepare_backups call
+        self.released: set[str] = set()  # workers a shrink let go (not spares, not failures)
         self.rank_nodes: dict[int, int] = {}  # rank id -> logical node
         self.dead: set[str] = set()
         self.handles: dict[str, ray.actor.ActorHandle] = {}
@@ -379,7 +380,7 @@ class Controller:
             retired = [w for w in self.pending_commit.get("retired", []) if w in alive]
             done = self._get_all({w: alive[w].retire.remote() for w in retired}, self.cfg.call_timeout_s,
                                  "retire (resume)", tolerate_dead=True)
-            self.spares += [w for w in retired if w in done and w not in self.spares]
+            self._settle_retired([w for w in retired if w in done and w not in self.spares])
             self.pending_commit = None
         else:
             # A reconfiguration the old controller left undecided is dropped: live weights never changed.
@@ -442,8 +443,27 @@ class Controller:
             self._busy.clear()
             self._stop.wait(1.0)
 
+    def _settle_retired(self, retired: list[str]) -> None:
+        """Retired (shrunk-away) workers refill the spares up to ``num_spares``; the rest are released.
+
+        A released worker is killed so its GPU is free again; its death is not a failure.
+        """
+        live_spares = [w for w in self.spares if w not in self.dead]
+        room = max(0, self.cfg.num_spares - len(live_spares))
+        self.spares = self.spares + retired[:room]
+        for wid in retired[room:]:
+            self.released.add(wid)
+            handle = self.handles.pop(wid, None)
+            if handle is not None:
+                try:
+                    ray.kill(handle, no_restart=True)
+                except RayError:  # already gone
+                    pass
+
     def _mark_dead(self, wid: str) -> None:
         with self._state_lock:
+            if wid in self.released:  # let go on purpose by a shrink
+                return
             if wid not in self.dead:
                 log.warning("worker %s died", wid)
                 self.dead.add(wid)
@@ -1133,7 +1153,7 @@ class Controller:
         retire_refs = {w: self.handles[w].retire.remote() for w in retired}
         retired_ok = self._get_all(retire_refs, cfg.call_timeout_s, "retire", tolerate_dead=True)
         with self._state_lock:
-            self.spares = self.spares + [w for w in retired if w in retired_ok]
+            self._settle_retired([w for w in retired if w in retired_ok])
             self.pending_commit = None
         rep.phases["commit"] = _now() - t0
         rep.committed_at = time.time()

@@ -190,9 +190,12 @@ class ExpertWorker:
         dtype = self.spec.dtype  # host tensors made once here, not at takeover time
         arrays = {tuple(int(x) for x in k): (from_host_array(a, dtype), from_host_array(b, dtype))
                   for k, (a, b) in zip(keys, values)}
-        region = None
+        region, pin_error = None, None
         if self.device.type == "cuda" and arrays:
-            region = PinnedRegion([a for pair in arrays.values() for a in pair])
+            try:
+                region = PinnedRegion([a for pair in arrays.values() for a in pair])
+            except OSError as exc:  # e.g. a locked-memory limit: still mapped, copied at pageable speed
+                pin_error = str(exc)
             self._reserve_staging(1.05)  # a takeover stages a whole rank
         with self._prep_lock:
             old = self._prepared
@@ -200,7 +203,7 @@ class ExpertWorker:
         if old is not None and old[1] is not None:
             old[1].release()
         return {"experts": len(arrays), "pinned_bytes": 0 if region is None else region.nbytes,
-                "seconds": time.perf_counter() - t0}
+                "pin_error": pin_error, "seconds": time.perf_counter() - t0}
 
     # -- communicators -----------------------------------------------------------------
 
