@@ -9,6 +9,7 @@ import ray
 import torch
 
 _BITS = {2: torch.int16, 4: torch.int32}
+INGEST_CHUNK_BYTES = 1 << 30  # bytes of experts a worker exports per call while backups are made
 _FLOAT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -42,7 +43,7 @@ class BackupStore:
     def ping(self) -> dict:
         return {"node_index": self.node_index, "num_experts": len(self._refs), "bytes": sum(self._sizes.values())}
 
-    def ingest(self, worker, keys: list[tuple[int, int]], timeout_s: float, chunk_bytes: int = 1 << 30,
+    def ingest(self, worker, keys: list[tuple[int, int]], timeout_s: float, chunk_bytes: int = INGEST_CHUNK_BYTES,
                expert_bytes: int = 1) -> int:
         """Copy experts from a live worker into this store; returns bytes stored.
 

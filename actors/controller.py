@@ -808,7 +808,9 @@ class Controller:
                                                     expert_bytes=self.spec.expert_bytes)
             for k in ks:
                 self.backup_of[k] = node
-        chunks = 1 + len(want) * self.spec.expert_bytes // (1 << 30)  # ingest exports about 1 GiB per call
+        from actors.backup import INGEST_CHUNK_BYTES
+
+        chunks = 1 + len(want) * self.spec.expert_bytes // INGEST_CHUNK_BYTES  # export calls per ingest, at most
         got = self._get_all(refs, self.cfg.call_timeout_s * (1 + chunks), "backup", tolerate_dead=True)
         for (wid, node), ks in by_pair.items():
             if (wid, node) not in got:

@@ -180,12 +180,11 @@ class ExpertWorker:
         ``backup_refs``: {(layer, expert): ObjectRef}. Replaces what was prepared before.
         Runs in its own concurrency group, beside transfers; a fetch uses what is ready.
         """
+        from actors.backup import from_host_array
         from elastic_ep.hostmem import PinnedRegion
 
         t0 = time.perf_counter()
         keys = list(backup_refs)
-        from actors.backup import from_host_array
-
         values = ray.get([backup_refs[k] for k in keys], timeout=timeout_s) if keys else []
         dtype = self.spec.dtype  # host tensors made once here, not at takeover time
         arrays = {tuple(int(x) for x in k): (from_host_array(a, dtype), from_host_array(b, dtype))

@@ -13,6 +13,7 @@ indexed gather and committed with one indexed copy.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,18 +95,32 @@ class StagedUpdate:
         for i, (layer, slot, expert) in enumerate(rows.tolist()):
             self.slots[(layer, slot)] = (a13[i].view(shape13), a2[i].view(shape2), expert)
 
+    def current_rows(self, done: set) -> list[list[int]]:
+        """Per batch, the indices of its rows that are still what ``slots`` stages and not in ``done``.
+
+        Adds those rows' (layer, slot) to ``done``: fingerprinting and commit both take each
+        staged slot from exactly one place, its batch where it has one.
+        """
+        out = []
+        for batch in self.batches:
+            keep = []
+            for i, (layer, slot, expert) in enumerate(batch.rows.tolist()):
+                if self.slots.get((layer, slot), (None, None, None))[2] == expert and (layer, slot) not in done:
+                    keep.append(i)
+                    done.add((layer, slot))
+            out.append(keep)
+        return out
+
     def fingerprints(self) -> list[tuple[int, int, int, int]]:
         """(layer, slot, expert, fingerprint) for every staged slot, sorted; packed batches in one pass each."""
         out = []
-        batched = set()
-        for batch in self.batches:
-            if not len(batch.rows):
+        batched: set = set()
+        for batch, keep in zip(self.batches, self.current_rows(batched)):
+            if not keep:
                 continue
             fps = fingerprints_from_sums(batch.sums if batch.sums is not None else fingerprint_sums(batch.a13, batch.a2))
-            for (layer, slot, expert), fp in zip(batch.rows.tolist(), fps):
-                if self.slots.get((layer, slot), (None, None, None))[2] == expert and (layer, slot) not in batched:
-                    out.append((layer, slot, expert, int(fp)))
-                    batched.add((layer, slot))
+            rows = batch.rows.tolist()
+            out += [(*rows[i], int(fps[i])) for i in keep]
         for (layer, slot), (w13, w2, expert) in self.slots.items():
             if (layer, slot) not in batched:
                 fp = fingerprint_stacked(w13.unsqueeze(0), w2.unsqueeze(0))[0]
@@ -219,8 +234,6 @@ _FETCH_CHUNK = 32  # experts copied per step of a fetch; the previous step is fi
 
 def _on(stream):
     """``torch.cuda.stream(stream)``, or nothing on the CPU."""
-    import contextlib
-
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
@@ -281,8 +294,8 @@ class _Fetcher:
             copy.synchronize()
             self.timings["fetch_copy_wait"] = time.perf_counter() - t0
 
-    def join(self, timeout_s: float) -> tuple[torch.Tensor, np.ndarray]:
-        """The fetched batch; raises the fetch's own error, or TransferError past ``timeout_s``."""
+    def join(self, timeout_s: float) -> tuple[torch.Tensor, np.ndarray, Optional[torch.Tensor]]:
+        """The fetched batch (message, rows, fingerprint sums); raises the fetch's own error, or TransferError past ``timeout_s``."""
         self.thread.join(timeout_s)
         if self.thread.is_alive():
             raise TransferError(f"storage fetch of {len(self.fetches)} experts not done after {timeout_s:.1f} s")
@@ -321,10 +334,8 @@ def commit(weights: ExpertWeights, staged: StagedUpdate) -> None:
     num_layers, spr = weights.experts.shape
     live13 = w13.view(num_layers * spr, -1)
     live2 = w2.view(num_layers * spr, -1)
-    done = set()
-    for batch in staged.batches:
-        keep = [i for i, (layer, slot, expert) in enumerate(batch.rows.tolist())
-                if staged.slots.get((layer, slot), (None, None, None))[2] == expert and (layer, slot) not in done]
+    done: set = set()
+    for batch, keep in zip(staged.batches, staged.current_rows(done)):
         if not keep:
             continue
         rows = batch.rows[keep]
@@ -338,7 +349,6 @@ def commit(weights: ExpertWeights, staged: StagedUpdate) -> None:
             live2.index_copy_(0, index, batch.a2)
         for layer, slot, expert in rows.tolist():
             weights.experts[layer, slot] = expert
-            done.add((layer, slot))
     for (layer, slot), (a, b, expert) in staged.slots.items():
         if (layer, slot) in done:
             continue
