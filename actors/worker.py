@@ -13,7 +13,7 @@ import torch
 
 from elastic_ep.config import ModelSpec
 from elastic_ep.errors import CheckpointError, ExpertsLostError, TransferError
-from elastic_ep.executor import ExpertWeights, StagedUpdate, commit, execute_rank_plan
+from elastic_ep.executor import ExpertWeights, StagedUpdate, commit, execute_rank_plan, warm_up
 from elastic_ep.faults import WORKER_PHASES, FaultInjector
 from elastic_ep.plan import RankPlan
 from elastic_ep.storage import CheckpointReader, fingerprint_stacked, torch_dtype
@@ -59,6 +59,7 @@ class ExpertWorker:
             w2=torch.zeros(shape + spec.w2_shape, dtype=dtype, device=self.device),
             experts=np.full(shape, -1, dtype=np.int64),
         )
+        warm_up(self.weights)  # no lazy kernel loading on a recovery's critical path
         self._staged: Optional[StagedUpdate] = None
         self._reserved = 0  # bytes of staging already taken into torch's allocator cache
         self._reserve_staging(staging_reserve)

@@ -11,7 +11,8 @@ what one GPU actor gets from them:
    time (no second copy in host memory), then asynchronous copies;
 3. pinned mirror: a second copy in pinned host memory made ahead of time, then
    asynchronous copies (costs as much host memory again);
-and how long the ahead-of-time preparation of 2 and 3 takes.
+and how long the ahead-of-time preparation of 2 and 3 takes; then the executor's own
+background fetcher over 2., alone, beside a busy main thread, and without fingerprints.
 """
 
 from __future__ import annotations
@@ -30,16 +31,19 @@ if str(ROOT) not in sys.path:
 
 import ray  # noqa: E402
 
-EXPERT_BYTES = 3 * 2048 * 1408 * 2  # DeepSeek-V2-Lite expert, bf16
+HIDDEN, INTER = 2048, 1408  # DeepSeek-V2-Lite expert geometry
+W13_ELEMS, W2_ELEMS = 2 * INTER * HIDDEN, HIDDEN * INTER
+EXPERT_BYTES = (W13_ELEMS + W2_ELEMS) * 2  # bf16
 
 
 @ray.remote(num_cpus=1)
 class Holder:
-    """Owns the objects, like elastic-ep's BackupStore."""
+    """Owns the objects, like elastic-ep's BackupStore: one (w13 bits, w2 bits) object per expert."""
 
-    def put(self, n: int, nbytes: int) -> list:
-        base = np.arange(nbytes // 2, dtype=np.int16)
-        self.refs = [ray.put(base + i) for i in range(n)]
+    def put(self, n: int) -> list:
+        base13 = np.arange(W13_ELEMS, dtype=np.int16)
+        base2 = np.arange(W2_ELEMS, dtype=np.int16)
+        self.refs = [ray.put((base13 + i, base2 - i)) for i in range(n)]
         return self.refs
 
 
@@ -54,13 +58,17 @@ class Reader:
         self.dev = torch.device("cuda", 0)
 
     def run(self, refs: list) -> dict:
+        import threading
+
         import torch
 
+        import elastic_ep.executor as executor
         from elastic_ep.hostmem import PinnedRegion
 
-        arrays = ray.get(refs)
+        pairs = ray.get(refs)
+        arrays = [a for pair in pairs for a in pair]
         total = sum(a.nbytes for a in arrays)
-        out = {"bytes": total, "objects": len(arrays)}
+        out = {"bytes": total, "objects": len(pairs)}
         dst = torch.empty(total // 2, dtype=torch.int16, device=self.dev)
 
         def copy_all(tensors):
@@ -81,6 +89,53 @@ class Reader:
         out["register_s"] = time.perf_counter() - t0
         out["registered_ranges"] = region.num_ranges
         out["registered_s"] = copy_all(host)
+        ok = torch.equal(dst[: host[0].numel()].cpu(), host[0]) and torch.equal(dst[-host[-1].numel():].cpu(), host[-1])
+
+        # The executor's background fetcher on the same registered backups, alone and beside
+        # the work a recovery's main thread does meanwhile.
+        weights = executor.ExpertWeights(
+            w13=torch.empty((1, 1, 2 * INTER, HIDDEN), dtype=torch.bfloat16, device=self.dev),
+            w2=torch.empty((1, 1, HIDDEN, INTER), dtype=torch.bfloat16, device=self.dev),
+            experts=np.zeros((1, 1), dtype=np.int64))
+        got = {(0, i): (host[2 * i].view(torch.bfloat16), host[2 * i + 1].view(torch.bfloat16))
+               for i in range(len(pairs))}
+        fetches = np.array([[0, i, -1, i] for i in range(len(pairs))], dtype=np.int64)
+
+        def fetcher(main_work=None) -> dict:
+            timings: dict = {}
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            f = executor._Fetcher(fetches, lambda keys: got, weights, timings)
+            f.start()
+            if main_work is not None:
+                main_work(f.thread)
+            flat, rows, sums = f.join(600.0)
+            timings["wall"] = time.perf_counter() - t0
+            nonlocal ok
+            ok = ok and torch.equal(flat[: host[0].numel()].view(torch.int16).cpu(), host[0])
+            del flat
+            return timings
+
+        def spin(thread):  # a Python loop that never lets go of the GIL on its own
+            while thread.is_alive():
+                pass
+
+        def small_gpu_ops(thread):  # what packing and posting receives look like from the host
+            while thread.is_alive():
+                idx = torch.as_tensor(np.arange(64, dtype=np.int64), device=self.dev)
+                torch.empty(1 << 20, dtype=torch.bfloat16, device=self.dev)
+                del idx
+
+        out["fetcher_alone"] = fetcher()
+        out["fetcher_beside_python_spin"] = fetcher(spin)
+        out["fetcher_beside_small_gpu_ops"] = fetcher(small_gpu_ops)
+        real_sums = executor.fingerprint_sums
+        executor.fingerprint_sums = lambda a13, a2: torch.zeros((2, a13.shape[0]), dtype=torch.int64, device=a13.device)
+        try:
+            out["fetcher_no_fingerprint"] = fetcher()
+        finally:
+            executor.fingerprint_sums = real_sums
+
         t0 = time.perf_counter()
         region.release()
         out["unregister_s"] = time.perf_counter() - t0
@@ -90,7 +145,6 @@ class Reader:
             m.copy_(t)
         out["mirror_prepare_s"] = time.perf_counter() - t0
         out["mirror_s"] = copy_all(mirror)
-        ok = torch.equal(dst[: host[0].numel()].cpu(), host[0]) and torch.equal(dst[-host[-1].numel():].cpu(), host[-1])
         out["copied_correctly"] = bool(ok)
         return out
 
@@ -103,7 +157,7 @@ def main(argv=None) -> int:
     n = max(2, int(args.gb * 1e9 / EXPERT_BYTES))
     ray.init(include_dashboard=False, log_to_driver=False)
     holder = Holder.remote()
-    refs = ray.get(holder.put.remote(n, EXPERT_BYTES))
+    refs = ray.get(holder.put.remote(n))
     r = ray.get(Reader.remote().run.remote(refs))
     gb = r["bytes"] / 1e9
     print(f"\nhost backups -> GPU: {r['objects']} objects of {EXPERT_BYTES / 1e6:.1f} MB, {gb:.2f} GB in all; "
@@ -114,6 +168,12 @@ def main(argv=None) -> int:
           f"{gb / r['registered_s']:7.1f}   ({r['registered_ranges']} ranges; unregister {r['unregister_s']:.3f}s)")
     print(f"{'3. pinned mirror (second host copy)':38s} {r['mirror_prepare_s']:10.3f} {r['mirror_s']:8.3f} "
           f"{gb / r['mirror_s']:7.1f}")
+    print("\nthe executor's background fetcher (2.) into one packed batch, chunked fingerprints on a second stream:")
+    print(f"{'case':38s} {'wall s':>8s} {'GB/s':>7s} {'copy stream s':>14s} {'issue-done wait s':>18s}")
+    for case in ("fetcher_alone", "fetcher_beside_python_spin", "fetcher_beside_small_gpu_ops", "fetcher_no_fingerprint"):
+        t = r[case]
+        print(f"{case:38s} {t['wall']:8.3f} {gb / t['wall']:7.1f} {t.get('fetch_dma', 0):14.3f} "
+              f"{t.get('fetch_copy_wait', 0):18.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))
     ray.shutdown()

@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from elastic_ep.executor import ExpertWeights, _pack  # noqa: E402
+from elastic_ep.executor import ExpertWeights, StagedUpdate, _halves, _pack, commit  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -69,6 +69,44 @@ def main(argv=None) -> int:
     torch.cuda.empty_cache()
     rows.append(("pack, cold allocator", _timed(pack_all)))
     rows.append(("pack, warm allocator", _timed(pack_all)))
+
+    def pack_bf16_rows():  # the same two gathers on bf16 rows, as before rows were viewed as int64
+        out = []
+        for a in range(0, args.moved, per_msg):
+            n = min(per_msg, args.moved - a)
+            flat = torch.empty(n * w.expert_numel, dtype=torch.bfloat16, device=dev)
+            index = torch.as_tensor(layers[a:a + n] * args.slots + slots[a:a + n], device=dev)
+            a13, a2 = _halves(flat, n, n13)
+            torch.index_select(w.w13.view(args.layers * args.slots, -1), 0, index, out=a13)
+            torch.index_select(w.w2.view(args.layers * args.slots, -1), 0, index, out=a2)
+            out.append(flat)
+        return out
+
+    pack_bf16_rows()
+    rows.append(("pack, warm, gathers on bf16 rows (before)", _timed(pack_bf16_rows)))
+
+    # commit: one staged batch of `moved` distinct slots copied into the live stacks
+    flat_all = torch.cat([m for m in pack_all()])
+    cells = rng.permutation(args.layers * args.slots)[: args.moved]
+    staged_rows = np.stack([cells // args.slots, cells % args.slots, np.zeros_like(cells)], axis=1)
+
+    staged = StagedUpdate(epoch=1, n13=n13)
+    staged.add_batch(flat_all, staged_rows, tuple(w.w13.shape[2:]), tuple(w.w2.shape[2:]))
+
+    def commit_wide():
+        commit(w, staged)
+
+    def commit_bf16_rows():
+        index = torch.as_tensor(staged_rows[:, 0] * args.slots + staged_rows[:, 1], device=dev)
+        a13, a2 = _halves(flat_all, args.moved, n13)
+        w.w13.view(args.layers * args.slots, -1).index_copy_(0, index, a13)
+        w.w2.view(args.layers * args.slots, -1).index_copy_(0, index, a2)
+
+    commit_wide()
+    commit_bf16_rows()
+    rows.append(("commit, indexed copies on wide rows (executor)", _timed(commit_wide)))
+    rows.append(("commit, indexed copies on bf16 rows (before)", _timed(commit_bf16_rows)))
+    del flat_all, staged
     ids = torch.arange(args.layers * args.slots, device=dev)
     for t in (w.w13, w.w2):  # each slot tagged with its own (layer, slot) in its first two elements
         rows_view = t.view(args.layers * args.slots, -1)
