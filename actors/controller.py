@@ -532,6 +532,7 @@ class Controller:
                 "death_times": dict(self.death_times),
                 "backed_up": len(self.backup_of),
                 "spares_prepared": self._spares_prepared(),
+                "members_prepared": self._spares_prepared(members=True),
                 "node_ids": dict(self.node_ids),
                 "last_error": self.last_error,
                 "rank_nodes": dict(self.rank_nodes),
@@ -545,12 +546,14 @@ class Controller:
     def arm_fault(self, phase: str, delay_s: float = 0.0) -> None:
         self.faults.arm(phase, delay_s)
 
-    def _spares_prepared(self) -> dict:
-        """Per live spare: its prepare_backups result, "preparing", or the error it raised."""
+    def _spares_prepared(self, members: bool = False) -> dict:
+        """Per live spare (or member): its prepare_backups result, "preparing", or the error it raised."""
         out = {}
         for wid, ref in list(self.preparing.items()):
-            if wid not in self.spares or wid in self.dead:
+            if wid in self.dead or wid not in set(self.spares) | set(self.members.values()):
                 self.preparing.pop(wid, None)
+                continue
+            if (wid in self.members.values()) != members:
                 continue
             if not ray.wait([ref], timeout=0)[0]:
                 out[wid] = "preparing"
@@ -1031,7 +1034,8 @@ class Controller:
             load, ranks, cfg.slots_per_rank, rank_nodes=[self.rank_nodes.get(r, 0) for r in ranks],
             num_groups=self.spec.num_groups, old=old, live_ranks=sorted(survivors), policy=cfg.policy,
         )
-        plan = plan_transfers(old, new, sorted(survivors), expert_bytes=self.spec.expert_bytes, fresh_ranks=fresh)
+        plan = plan_transfers(old, new, sorted(survivors), expert_bytes=self.spec.expert_bytes, fresh_ranks=fresh,
+                              stripe_fetches=self._striping)
         rep.phases["plan"] = _now() - t0
         rep.plan = plan.summary()
         self.faults.hit("planned")
@@ -1046,7 +1050,7 @@ class Controller:
             return rep
 
         # Storage: which fetched experts still exist somewhere?
-        fetch_keys = sorted({(int(l), int(e)) for l, e, _, _ in plan.fetches})
+        fetch_keys = sorted({(int(l), int(e)) for l, e in np.concatenate([plan.fetches[:, :2], plan.relays[:, :2]])})
         backup_refs = self._backup_refs(fetch_keys) if fetch_keys else {}
         if fetch_keys and cfg.checkpoint is None:
             lost = [k for k in fetch_keys if k not in backup_refs]
@@ -1062,7 +1066,7 @@ class Controller:
         # Phase: communicators (already formed for every live worker unless membership grew)
         t0 = _now()
         participants = {r: members.get(r, holders.get(r)) for r in plan.participants}
-        movers = {int(r) for r in plan.transfers[:, 2].tolist() + plan.transfers[:, 4].tolist()}
+        movers = {int(r) for t in (plan.transfers, plan.relays) for r in t[:, 2].tolist() + t[:, 4].tolist()}
         need = {participants[r] for r in movers}
         group = self._group_for(need) if need and not self._restarted and self._group_ok else None
         if need and group is None:
@@ -1083,7 +1087,7 @@ class Controller:
         refs = {}
         for r, wid in participants.items():
             part = plan.for_rank(r)
-            keys = {(int(l), int(e)) for l, e, _, _ in part.fetches}
+            keys = {(int(l), int(e)) for l, e in np.concatenate([part.fetches[:, :2], part.relay_sends[:, :2]])}
             refs[r] = self.handles[wid].execute.remote(
                 epoch, part, group, group_rank, cfg.transfer_timeout_s,
                 {k: backup_refs[k] for k in keys if k in backup_refs},
@@ -1105,7 +1109,8 @@ class Controller:
             raise typed[0][1]
         rep.phases["transfer"] = _now() - t0
         rep.worker_timings = {r: res["timings_s"] for r, res in results.items()}
-        rep.bytes_p2p = int(sum(res["bytes_received"] for res in results.values()))
+        # point-to-point bytes of experts that survivors held (relayed reads count as storage)
+        rep.bytes_p2p = int(sum(res["bytes_received"] for res in results.values())) - rep.plan["bytes_relayed"]
         rep.bytes_from_backup = int(sum(res["bytes_from_backup"] for res in results.values()))
         rep.bytes_from_checkpoint = int(sum(res["bytes_from_checkpoint"] for res in results.values()))
 
@@ -1119,7 +1124,7 @@ class Controller:
         if bad:
             # A fetched copy that fails verification came from storage: trying again reads the same bytes.
             from_storage = sorted({(layer, expert) for r, layer, slot, expert in bad
-                                   if (layer, expert) in {(int(l), int(e)) for l, e, _, _ in plan.fetches}
+                                   if (layer, expert) in set(fetch_keys)
                                    and (layer, expert) not in backup_refs})
             if from_storage:
                 with self._state_lock:
@@ -1218,11 +1223,19 @@ class Controller:
             self._prepare_spares()
         self._save()
 
+    @property
+    def _striping(self) -> bool:
+        """Whether storage reads are shared with (and relayed by) live ranks on the destination's node."""
+        return self.cfg.device == "cuda" if self.cfg.stripe_fetches is None else bool(self.cfg.stripe_fetches)
+
     def _prepare_spares(self) -> None:
         """Have each live spare map (and on GPUs page-lock) every host backup, in the background.
 
-        Off the critical path: the call is not awaited. A spare that takes over before it
-        finishes reads the backups it needs the slow way; ``status()`` shows progress.
+        With striped reads, members map every backup too (what they could read for a dead
+        peer: all of them, since a rebalance changes what each holds), with no extra
+        staging reserve. Page-locking is in place: no second host copy. Off the critical
+        path: the calls are not awaited. A worker that needs a backup before it finishes
+        reads it the slow way; ``status()`` shows progress.
         """
         if not (self.cfg.prepare_spares and self.cfg.keep_backups):
             return
@@ -1232,6 +1245,11 @@ class Controller:
         for wid in self.spares:
             if wid not in self.dead and wid in self.handles:
                 self.preparing[wid] = self.handles[wid].prepare_backups.remote(refs, self.cfg.startup_timeout_s)
+        if not self._striping:
+            return
+        for wid in self.members.values():
+            if wid not in self.dead and wid in self.handles:
+                self.preparing[wid] = self.handles[wid].prepare_backups.remote(refs, self.cfg.startup_timeout_s, 0.0)
 
     # ------------------------------------------------------------------------------------
 

@@ -175,10 +175,11 @@ class ExpertWorker:
                         to_host_array(self.weights.w13[layer, s].cpu()), to_host_array(self.weights.w2[layer, s].cpu())))
         return out
 
-    def prepare_backups(self, backup_refs: dict, timeout_s: float) -> dict:
+    def prepare_backups(self, backup_refs: dict, timeout_s: float, reserve: float = 1.05) -> dict:
         """Map host backups ahead of need (a hot spare), page-locked on a GPU, so a takeover copies at DMA speed.
 
         ``backup_refs``: {(layer, expert): ObjectRef}. Replaces what was prepared before.
+        ``reserve``: GPU staging to keep cached, in rank sizes (a spare's takeover stages a whole rank).
         Runs in its own concurrency group, beside transfers; a fetch uses what is ready.
         """
         from actors.backup import from_host_array
@@ -196,7 +197,7 @@ class ExpertWorker:
                 region = PinnedRegion([a for pair in arrays.values() for a in pair])
             except OSError as exc:  # e.g. a locked-memory limit: still mapped, copied at pageable speed
                 pin_error = str(exc)
-            self._reserve_staging(1.05)  # a takeover stages a whole rank
+            self._reserve_staging(reserve)
         with self._prep_lock:
             old = self._prepared
             self._prepared = (arrays, region)
@@ -262,7 +263,7 @@ class ExpertWorker:
                         self.faults.hit(name)
 
                 transport = None
-                if len(part.sends) or len(part.recvs):
+                if len(part.sends) or len(part.recvs) or len(part.relay_sends) or len(part.relay_recvs):
                     if group_name not in self._groups:
                         raise TransferError(f"worker {self.worker_id} is not in group {group_name}")
                     transport = CollectiveTransport(group_name)

@@ -308,6 +308,7 @@ def run_elastic(spec, ckpt, num_gpus, args, workdir) -> tuple[dict, ExpertLayout
         model=spec, checkpoint=ckpt, num_ranks=ranks, slots_per_rank=spr, num_spares=1, device="cuda",
         gpu_fractions=fractions, transfer_timeout_s=60.0, call_timeout_s=120.0, startup_timeout_s=300.0,
         state_dir=str(Path(workdir) / "state"), auto_recover=True,
+        stripe_fetches={"auto": None, "on": True, "off": False}[args.stripe],
     )
     cluster = ElasticEPCluster(cfg)
     out = {"ranks": ranks, "slots_per_rank": spr, "spare": "shared GPU" if fractions else "own GPU"}
@@ -316,6 +317,8 @@ def run_elastic(spec, ckpt, num_gpus, args, workdir) -> tuple[dict, ExpertLayout
         info = cluster.start()
         out["start_s"] = time.perf_counter() - t0
         out["start"] = info
+        # page-locking backups in the background holds the driver: rebalance once it is done
+        out["prepared_before_rebalance"] = _wait_spare_prepared(cluster, timeout_s=300)
         cluster.run_workload(batches=16, tokens_per_batch=16384, seed=0, zipf_s=1.2)
         reb = cluster.rebalance()
         out["rebalance"] = reb
@@ -343,11 +346,15 @@ def run_elastic(spec, ckpt, num_gpus, args, workdir) -> tuple[dict, ExpertLayout
 
 
 def _wait_spare_prepared(cluster, timeout_s: float) -> dict:
-    """Wait until the hot spare has mapped and page-locked the host backups (done in the background)."""
+    """Wait until the hot spare (and members, with striped reads) mapped and page-locked the host backups.
+
+    Done in the background after start and after every membership change.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        prepared = cluster.status().get("spares_prepared", {})
-        if prepared and all(v != "preparing" for v in prepared.values()):
+        st = cluster.status()
+        prepared = {**st.get("spares_prepared", {}), **st.get("members_prepared", {})}
+        if st.get("spares_prepared") and all(v != "preparing" for v in prepared.values()):
             return prepared
         time.sleep(0.5)
     return {"timeout": True}
@@ -368,6 +375,8 @@ def main(argv=None) -> int:
     p.add_argument("--ceiling-bytes", type=int, default=1 << 30)
     p.add_argument("--verify-checkpoint", action="store_true", help="re-read the checkpoint to verify (slow)")
     p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--stripe", choices=["auto", "on", "off"], default="auto",
+                   help="share the dead rank's storage reads with survivors (auto: on, on GPUs)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -436,7 +445,9 @@ def print_table(r: dict) -> None:
     for rank, t in wt.items():
         print(f"   rank {rank}: " + ", ".join(f"{k} {1e3 * v:.1f}ms" for k, v in t.items()))
     print(f"   moved: p2p {rec['bytes_p2p'] / GB:.2f} GB, host backups {rec['bytes_from_backup'] / GB:.2f} GB, "
-          f"checkpoint {rec['bytes_from_checkpoint'] / GB:.2f} GB; verified {e['verified']}")
+          f"checkpoint {rec['bytes_from_checkpoint'] / GB:.2f} GB "
+          f"(of the storage reads, {rec['plan'].get('bytes_relayed', 0) / GB:.2f} GB read by survivors and relayed); "
+          f"verified {e['verified']}")
     reb = e["rebalance"]
     print(f"{'4. elastic-ep: load-driven rebalance':52s} {reb['total_s']:9.3f}  "
           f"p2p {reb['bytes_p2p'] / GB:.2f} GB at {e['rebalance_p2p_GBps'] or 0:.0f} GB/s "

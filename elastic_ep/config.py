@@ -80,6 +80,10 @@ class ClusterConfig:
     # GPU staging kept in torch's allocator cache, as a fraction of a rank's expert bytes
     # (hot spares keep a whole rank's worth): transfers then allocate without cudaMalloc.
     staging_reserve: float = 0.6
+    # Storage reads of a dead rank's experts shared with the live ranks on its node, which
+    # relay theirs over the GPU links: every GPU's host link carries a share. None: on
+    # GPUs only. Members then also map (page-lock) the backups they could relay.
+    stripe_fetches: Optional[bool] = None
     call_timeout_s: float = 60.0  # bound on every remote call
     transfer_timeout_s: float = 30.0  # bound on one transfer phase; peers are aborted after it
     startup_timeout_s: float = 120.0  # bound on starting and loading one worker

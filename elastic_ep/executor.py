@@ -187,13 +187,6 @@ def execute_rank_plan(
         if on_phase is not None:
             on_phase(name)
 
-    # Storage fetches for experts no live rank holds: started first, overlapping the exchange.
-    fetcher = None
-    if len(part.fetches):
-        phase("fetch")
-        fetcher = _Fetcher(part.fetches, fetch, weights, staged.timings_s)
-        fetcher.start()
-
     # Point-to-point, packed per (stage, peer), ordered deadlock-free.
     t0 = time.perf_counter()
     phase("transfer")
@@ -209,12 +202,30 @@ def execute_rank_plan(
             recv_batches.append((flat, rows[:, [LAYER, DST_SLOT, EXPERT]].astype(np.int64)))
             staged.bytes_received += flat.numel() * elem
     staged.timings_s["pack"] = time.perf_counter() - t0
+
+    # Storage fetches for experts no live rank holds, in a background thread during the
+    # exchange. Started only now: its copy-issuing loop would hold up packing for the GIL.
+    fetcher = relayer = None
+    if len(part.fetches) or len(part.relay_sends):
+        phase("fetch")
+    if len(part.fetches):
+        fetcher = _Fetcher(part.fetches, fetch, weights, staged.timings_s)
+        fetcher.start()
+    if len(part.relay_sends):  # experts this rank reads for another, sent in the second round
+        rows = part.relay_sends
+        relayer = _Fetcher(np.stack([rows[:, LAYER], rows[:, EXPERT], rows[:, SRC], rows[:, SRC_SLOT]], axis=1),
+                           fetch, weights, {})
+        relayer.start()
     t1 = time.perf_counter()
-    transport.execute(timeout_s)
+    if len(part.sends) or len(part.recvs):
+        transport.execute(timeout_s)
     staged.timings_s["exchange"] = time.perf_counter() - t1
     staged.timings_s["transfer"] = time.perf_counter() - t0
     for flat, rows in recv_batches:
         staged.add_batch(flat, rows, shape13, shape2)
+
+    if len(part.relay_sends) or len(part.relay_recvs):
+        _relay_round(part, relayer, staged, transport, group_rank, timeout_s, per_message, weights, phase)
 
     if fetcher is not None:
         flat, rows, sums = fetcher.join(timeout_s)
@@ -232,6 +243,45 @@ def execute_rank_plan(
         staged.slots[(layer, dst_slot)] = (a.clone(), b.clone(), expert)
     staged.timings_s["copy"] = time.perf_counter() - t0
     return staged
+
+
+def _relay_round(part: RankPlan, relayer: Optional["_Fetcher"], staged: StagedUpdate, transport, group_rank: dict,
+                 timeout_s: float, per_message: int, weights: ExpertWeights, phase) -> None:
+    """Second round: send what this rank read for others, receive what others read for it.
+
+    Both sides cut the relays of a (sender, receiver) pair into the same messages; a
+    message travels as its two halves, straight from the sender's read buffer.
+    """
+    t0 = time.perf_counter()
+    phase("relay")
+    like, numel = weights.w13, weights.expert_numel
+    shape13, shape2 = tuple(weights.w13.shape[2:]), tuple(weights.w2.shape[2:])
+    a13 = a2 = None
+    if relayer is not None:
+        flat, _, _ = relayer.join(timeout_s)
+        a13, a2 = _halves(flat, len(part.relay_sends), staged.n13)
+        staged.bytes_fetched += flat.numel() * flat.element_size()
+    sends = part.relay_sends.copy()
+    sends[:, SRC_SLOT] = np.arange(len(sends))  # position in the read buffer, which is in plan order
+    rounds = RankPlan(part.rank, sends, part.relay_recvs, np.empty((0, 5), np.int64), np.empty((0, 4), np.int64), 0)
+    received = []
+    for kind, _, peer, rows in _messages(rounds, per_message):
+        if kind == "send":
+            lo, hi = int(rows[0, SRC_SLOT]), int(rows[-1, SRC_SLOT]) + 1  # contiguous: one peer's run
+            transport.add_send(a13[lo:hi], group_rank[peer])
+            transport.add_send(a2[lo:hi], group_rank[peer])
+            staged.bytes_sent += (hi - lo) * numel * like.element_size()
+        else:
+            flat = torch.empty(len(rows) * numel, dtype=like.dtype, device=like.device)
+            h13, h2 = _halves(flat, len(rows), staged.n13)
+            transport.add_recv(h13, group_rank[peer])
+            transport.add_recv(h2, group_rank[peer])
+            received.append((flat, rows[:, [LAYER, DST_SLOT, EXPERT]].astype(np.int64)))
+            staged.bytes_received += flat.numel() * flat.element_size()
+    transport.execute(timeout_s)
+    for flat, rows in received:
+        staged.add_batch(flat, rows, shape13, shape2)
+    staged.timings_s["relay"] = time.perf_counter() - t0
 
 
 def _pack(weights: ExpertWeights, layers: np.ndarray, slots: np.ndarray, n13: int) -> torch.Tensor:
@@ -384,7 +434,7 @@ def commit(weights: ExpertWeights, staged: StagedUpdate) -> None:
 
 
 def warm_up(weights: ExpertWeights) -> None:
-    """Run once, on slot (0, 0), every kernel a transfer uses: pack, fetch, fingerprint, commit.
+    """Run once, on copies of slot (0, 0), every kernel a transfer uses: pack, fetch, fingerprint, commit.
 
     CUDA loads kernels lazily, tens of ms on their first launch; a worker calls this at
     start so none of that lands on a recovery's critical path. The weights end as they were.
@@ -396,8 +446,9 @@ def warm_up(weights: ExpertWeights) -> None:
     fetcher = _Fetcher(np.array([[0, expert, -1, 0]], dtype=np.int64), lambda keys: {(0, expert): host}, weights, {})
     fetcher.start()
     staged = StagedUpdate(epoch=-1, n13=n13)
-    twice = np.array([[0, 0, expert], [0, 0, expert]], dtype=np.int64)  # the second row is superseded
-    staged.add_batch(_pack(weights, twice[:, 0], twice[:, 1], n13), twice, shape13, shape2)
+    # 17 rows of one slot: torch gathers more than 16 rows with another kernel; all but one are superseded
+    many = np.tile(np.array([[0, 0, expert]], dtype=np.int64), (17, 1))
+    staged.add_batch(_pack(weights, many[:, 0], many[:, 1], n13), many, shape13, shape2)
     flat, rows, sums = fetcher.join(60.0)
     staged.add_batch(flat, rows, shape13, shape2, sums)
     staged.fingerprints()

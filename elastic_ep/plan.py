@@ -5,12 +5,17 @@ Every (layer, rank, slot) of the new layout gets exactly one action:
 * keep      the rank already holds that expert in that slot;
 * copy      the rank holds it in another slot (a copy within the GPU);
 * receive   a live rank that holds it sends it (point-to-point);
-* fetch     no live rank holds it: read it from a host backup or the checkpoint.
+* fetch     no live rank holds it: read it from a host backup or the checkpoint;
+* relay     the same, but read by a live rank on the destination's node, which
+            then sends it (``stripe_fetches``: every GPU's host link carries a share).
 
 Sources are chosen among live holders to balance the bytes each rank sends,
 preferring holders on the destination's node. A rank receives an expert at most
 once per layer, even if it needs it in two slots (the second is a copy). Dead ranks
 are never sources or destinations.
+
+Relays run as a second round, after the first round's transfers and the relaying
+rank's reads: they are ordered by (via, dst, layer, expert) in one stage.
 
 Transfers are grouped into *stages*. In one stage every rank talks to at most one
 peer, so blocking send/recv cannot deadlock if, within a stage, the lower rank of
@@ -43,6 +48,8 @@ class RankPlan:
     copies: [n, 5] (layer, rank, src_slot, dst_slot, after_receive).
     fetches: [n, 4] (layer, expert, rank, slot).
     keeps: number of slots left as they are.
+    relay_sends: [n, 7] relays this rank reads from storage and sends (SRC = this rank), in order.
+    relay_recvs: [n, 7] relays this rank receives (DST = this rank), in order.
     """
 
     rank: int
@@ -51,11 +58,14 @@ class RankPlan:
     copies: np.ndarray
     fetches: np.ndarray
     keeps: int
+    relay_sends: np.ndarray = field(default_factory=lambda: np.empty((0, 7), dtype=np.int64))
+    relay_recvs: np.ndarray = field(default_factory=lambda: np.empty((0, 7), dtype=np.int64))
 
     @property
     def peers(self) -> list[int]:
-        """Every rank this rank exchanges with."""
-        return sorted(set(self.sends[:, DST].tolist()) | set(self.recvs[:, SRC].tolist()))
+        """Every rank this rank exchanges with (either round)."""
+        return sorted(set(self.sends[:, DST].tolist()) | set(self.recvs[:, SRC].tolist())
+                      | set(self.relay_sends[:, DST].tolist()) | set(self.relay_recvs[:, SRC].tolist()))
 
     def ops_in_order(self) -> list[tuple[str, int, int]]:
         """(kind, index into sends/recvs, peer) in the deadlock-free blocking order.
@@ -84,7 +94,11 @@ class TransferPlan:
     copies: [C, 5] (layer, rank, src_slot, dst_slot, after_receive).
     fetches: [F, 4] (layer, expert, rank, slot).
     keeps: [L, P_new] bool, slots left untouched.
-    bytes_sent / bytes_received / bytes_fetched: per rank id.
+    relays: [X, 7] like transfers, for experts no live rank holds: SRC reads it from
+        storage and sends it to DST in the second round (SRC_SLOT -1, STAGE 0), sorted
+        by (src, dst, layer, expert).
+    bytes_sent / bytes_received / bytes_fetched: per rank id (relays count as the
+        relaying rank's fetch and send, and the destination's receive).
     """
 
     old: ExpertLayout
@@ -99,6 +113,7 @@ class TransferPlan:
     bytes_sent: dict[int, int] = field(default_factory=dict)
     bytes_received: dict[int, int] = field(default_factory=dict)
     bytes_fetched: dict[int, int] = field(default_factory=dict)
+    relays: np.ndarray = field(default_factory=lambda: np.empty((0, 7), dtype=np.int64))
 
     # -- views -------------------------------------------------------------------------
 
@@ -112,6 +127,8 @@ class TransferPlan:
             copies=self.copies[self.copies[:, 1] == rank],
             fetches=self.fetches[self.fetches[:, 2] == rank],
             keeps=int(self.keeps[:, self._cols(rank)].sum()) if rank in self.new.ranks else 0,
+            relay_sends=self.relays[self.relays[:, SRC] == rank],
+            relay_recvs=self.relays[self.relays[:, DST] == rank],
         )
 
     def _cols(self, rank: int) -> slice:
@@ -124,11 +141,12 @@ class TransferPlan:
         """Ranks with anything to do (send, receive, copy or fetch)."""
         ranks = set(self.transfers[:, SRC].tolist()) | set(self.transfers[:, DST].tolist())
         ranks |= set(self.copies[:, 1].tolist()) | set(self.fetches[:, 2].tolist())
+        ranks |= set(self.relays[:, SRC].tolist()) | set(self.relays[:, DST].tolist())
         return sorted(int(r) for r in ranks)
 
     @property
     def is_noop(self) -> bool:
-        return not (len(self.transfers) or len(self.copies) or len(self.fetches))
+        return not (len(self.transfers) or len(self.copies) or len(self.fetches) or len(self.relays))
 
     def summary(self) -> dict:
         """Counts and bytes, with max over ranks (JSON friendly)."""
@@ -137,9 +155,11 @@ class TransferPlan:
             "copies": int(len(self.copies)),
             "transfers": int(len(self.transfers)),
             "fetches": int(len(self.fetches)),
+            "relays": int(len(self.relays)),
             "stages": int(self.num_stages),
             "bytes_p2p": int(len(self.transfers)) * self.expert_bytes,
-            "bytes_fetched": int(len(self.fetches)) * self.expert_bytes,
+            "bytes_fetched": int(len(self.fetches) + len(self.relays)) * self.expert_bytes,
+            "bytes_relayed": int(len(self.relays)) * self.expert_bytes,
             "max_rank_bytes_sent": max(self.bytes_sent.values(), default=0),
             "max_rank_bytes_received": max(self.bytes_received.values(), default=0),
             "max_rank_bytes_fetched": max(self.bytes_fetched.values(), default=0),
@@ -153,12 +173,16 @@ def plan_transfers(
     *,
     expert_bytes: int = 1,
     fresh_ranks: Optional[Iterable[int]] = None,
+    stripe_fetches: bool = False,
 ) -> TransferPlan:
     """Plan the moves that turn ``old`` into ``new``.
 
     live_ranks: ranks of ``old`` whose slots still hold their weights (survivors).
     fresh_ranks: ranks of ``new`` that start empty (replacements taking over a dead
         rank's id, grown ranks). Defaults to every rank of ``new`` not in ``live_ranks``.
+    stripe_fetches: spread storage reads over the destination and the live ranks of
+        the new layout on its node (fewest reads first), the others relaying what they
+        read: on GPUs each one's host link carries a share instead of one link all.
     Every rank of ``new`` must be live or fresh; a dead rank is never a destination.
     """
     if old.num_layers != new.num_layers or old.num_experts != new.num_experts:
@@ -257,6 +281,10 @@ def plan_transfers(
             held[recv_idx], new_nodes[pr[recv_idx]], old_nodes, expert_bytes, pl[recv_idx], pe[recv_idx]
         )
     fetches = np.stack([pl, pe, dst_rank, ps], axis=1)[~has_source]
+    relays = np.empty((0, 7), dtype=np.int64)
+    if stripe_fetches and len(fetches):
+        helpers = [r for r in new.ranks if r in live]
+        fetches, relays = _stripe(fetches, helpers, dict(zip(new.ranks, new.rank_nodes)))
     old_ranks = np.asarray(old.ranks, dtype=np.int64)
     transfers = np.empty((len(recv_idx), 7), dtype=np.int64)
     transfers[:, LAYER] = pl[recv_idx]
@@ -277,9 +305,9 @@ def plan_transfers(
     if len(copies_arr):
         copies_arr = copies_arr[_lexsort((copies_arr[:, 3], copies_arr[:, 0], copies_arr[:, 1]), unique=True)]
 
-    bytes_sent = _per_rank(transfers[:, SRC], sorted(live), expert_bytes)
-    bytes_received = _per_rank(transfers[:, DST], new.ranks, expert_bytes)
-    bytes_fetched = _per_rank(fetches[:, 2], new.ranks, expert_bytes)
+    bytes_sent = _per_rank(np.concatenate([transfers[:, SRC], relays[:, SRC]]), sorted(live), expert_bytes)
+    bytes_received = _per_rank(np.concatenate([transfers[:, DST], relays[:, DST]]), new.ranks, expert_bytes)
+    bytes_fetched = _per_rank(np.concatenate([fetches[:, 2], relays[:, SRC]]), new.ranks, expert_bytes)
     return TransferPlan(
         old=old,
         new=new,
@@ -293,7 +321,39 @@ def plan_transfers(
         bytes_sent=bytes_sent,
         bytes_received=bytes_received,
         bytes_fetched=bytes_fetched,
+        relays=relays,
     )
+
+
+def _stripe(fetches: np.ndarray, helpers: list[int], node_of: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Share storage reads between each destination and the helper ranks on its node.
+
+    fetches: [F, 4] (layer, expert, rank, slot). helpers: live ranks that may read for
+    another. Reads go, in (layer, expert, rank) order, to the candidate (the destination,
+    or a helper on its node) with the fewest reads so far; ties go to the destination,
+    then to the lowest rank. Returns (fetches kept by their destination [F', 4], relays
+    [X, 7] sorted by (src, dst, layer, expert)).
+    """
+    fetches = fetches[_lexsort((fetches[:, 3], fetches[:, 1], fetches[:, 0], fetches[:, 2]))]
+    load: dict[int, int] = {}
+    by_node: dict[int, list[int]] = {}
+    for r in sorted(helpers):
+        by_node.setdefault(node_of[r], []).append(r)
+    via = np.empty(len(fetches), dtype=np.int64)
+    for i, (dst, layer) in enumerate(zip(fetches[:, 2].tolist(), fetches[:, 0].tolist())):
+        best = dst
+        for r in by_node.get(node_of[dst], ()):
+            if load.get(r, 0) < load.get(best, 0):
+                best = r
+        via[i] = best
+        load[best] = load.get(best, 0) + 1
+    own = via == fetches[:, 2]
+    moved = fetches[~own]
+    relays = np.empty((len(moved), 7), dtype=np.int64)
+    relays[:, LAYER], relays[:, EXPERT], relays[:, SRC] = moved[:, 0], moved[:, 1], via[~own]
+    relays[:, SRC_SLOT], relays[:, DST], relays[:, DST_SLOT], relays[:, STAGE] = -1, moved[:, 2], moved[:, 3], 0
+    relays = relays[_lexsort((relays[:, EXPERT], relays[:, LAYER], relays[:, DST], relays[:, SRC]), unique=True)]
+    return fetches[own], relays
 
 
 def _holders(old_view: np.ndarray, old_live: np.ndarray, num_experts: int) -> np.ndarray:
@@ -540,6 +600,12 @@ def apply_plan(plan: TransferPlan, state: dict[int, np.ndarray], storage: Option
         out[dst][layer, dst_slot] = state[src][layer, src_slot]
     for layer, expert, rank, slot in plan.fetches:
         out[rank][layer, slot] = expert
+        if storage is not None:
+            storage[(int(layer), int(expert))] = storage.get((int(layer), int(expert)), 0) + 1
+    for layer, expert, via, _, dst, dst_slot, _ in plan.relays:
+        if via not in plan.live_ranks or via == dst:
+            raise AssertionError(f"plan relays through rank {via} (live: {sorted(plan.live_ranks)}, to {dst})")
+        out[dst][layer, dst_slot] = expert
         if storage is not None:
             storage[(int(layer), int(expert))] = storage.get((int(layer), int(expert)), 0) + 1
     for layer, rank, src_slot, dst_slot, after in plan.copies:

@@ -1,5 +1,7 @@
 """Transfer planning: plans turn the old layout into the new one, exactly, for every elastic event."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -44,6 +46,9 @@ def execute(plan: TransferPlan, state: dict[int, np.ndarray]) -> dict[int, np.nd
         out[dst][layer, dst_slot] = state[src][layer, src_slot]
     for layer, expert, rank, slot in plan.fetches:
         out[rank][layer, slot] = expert
+    for layer, expert, via, _, dst, dst_slot, _ in plan.relays:  # second round: via read it, dst receives it
+        assert via in state, "a relay through a rank that holds no weights"
+        out[dst][layer, dst_slot] = expert
     for layer, rank, src_slot, dst_slot, after in plan.copies:
         out[rank][layer, dst_slot] = (out[rank] if after else state[rank])[layer, src_slot]
     return out
@@ -87,8 +92,8 @@ def check_invariants(plan: TransferPlan, old: ExpertLayout, new: ExpertLayout, l
     live, fresh = set(live), set(fresh)
     dead = set(old.ranks) - live
     spr = new.slots_per_rank
-    t, c, f = plan.transfers, plan.copies, plan.fetches
-    assert t.dtype == c.dtype == f.dtype == np.int64
+    t, c, f, x = plan.transfers, plan.copies, plan.fetches, plan.relays
+    assert t.dtype == c.dtype == f.dtype == x.dtype == np.int64 and x.shape[1:] == (7,)
     assert t.shape[1:] == (7,) and c.shape[1:] == (5,) and f.shape[1:] == (4,)
     assert plan.keeps.shape == new.phy2log.shape and plan.keeps.dtype == bool
     assert plan.live_ranks == frozenset(live)
@@ -110,9 +115,17 @@ def check_invariants(plan: TransferPlan, old: ExpertLayout, new: ExpertLayout, l
         assert 0 <= stage < plan.num_stages
     for layer, expert, rank, slot in f:
         assert new.experts_of(rank)[layer, slot] == expert
+    # relays: read by a live rank of the new layout on the destination's node, for another rank
+    node_of = dict(zip(new.ranks, new.rank_nodes))
+    for layer, expert, via, via_slot, dst, dst_slot, stage in x:
+        assert via in live and via in new.ranks and via != dst and node_of[via] == node_of[dst]
+        assert via_slot == -1 and stage == 0
+        assert new.experts_of(dst)[layer, dst_slot] == expert
+    order = np.lexsort((x[:, EXPERT], x[:, LAYER], x[:, DST], x[:, SRC]))
+    assert np.array_equal(order, np.arange(len(x)))
 
     # no fetch for an expert any live rank holds in that layer
-    for layer, expert, _, _ in f:
+    for layer, expert in np.concatenate([f[:, :2], x[:, :2]]):
         for r in live:
             assert expert not in old.experts_of(r)[layer], f"fetch of ({layer}, {expert}) held by live {r}"
 
@@ -132,12 +145,14 @@ def check_invariants(plan: TransferPlan, old: ExpertLayout, new: ExpertLayout, l
             mark((int(layer), r, int(slot)), "keep")
             assert r in live
             assert old.experts_of(r)[layer, slot] == new.experts_of(r)[layer, slot]
-    for x in t:
-        mark((int(x[LAYER]), int(x[DST]), int(x[DST_SLOT])), "receive")
-    for x in f:
-        mark((int(x[0]), int(x[2]), int(x[3])), "fetch")
-    for x in c:
-        mark((int(x[0]), int(x[1]), int(x[3])), "copy")
+    for row in t:
+        mark((int(row[LAYER]), int(row[DST]), int(row[DST_SLOT])), "receive")
+    for row in f:
+        mark((int(row[0]), int(row[2]), int(row[3])), "fetch")
+    for row in x:
+        mark((int(row[LAYER]), int(row[DST]), int(row[DST_SLOT])), "relay")
+    for row in c:
+        mark((int(row[0]), int(row[1]), int(row[3])), "copy")
     assert len(actions) == new.num_layers * new.num_slots
 
     # stages: in one stage a rank talks to at most one peer
@@ -157,16 +172,18 @@ def check_invariants(plan: TransferPlan, old: ExpertLayout, new: ExpertLayout, l
 
     # bytes
     eb = plan.expert_bytes
-    assert plan.bytes_sent == {r: int((t[:, SRC] == r).sum()) * eb for r in sorted(live)}
-    assert plan.bytes_received == {r: int((t[:, DST] == r).sum()) * eb for r in new.ranks}
-    assert plan.bytes_fetched == {r: int((f[:, 2] == r).sum()) * eb for r in new.ranks}
-    assert sum(plan.bytes_sent.values()) == len(t) * eb
-    assert sum(plan.bytes_received.values()) == len(t) * eb
-    assert sum(plan.bytes_fetched.values()) == len(f) * eb
+    assert plan.bytes_sent == {r: int((t[:, SRC] == r).sum() + (x[:, SRC] == r).sum()) * eb for r in sorted(live)}
+    assert plan.bytes_received == {r: int((t[:, DST] == r).sum() + (x[:, DST] == r).sum()) * eb for r in new.ranks}
+    assert plan.bytes_fetched == {r: int((f[:, 2] == r).sum() + (x[:, SRC] == r).sum()) * eb for r in new.ranks}
+    assert sum(plan.bytes_sent.values()) == (len(t) + len(x)) * eb
+    assert sum(plan.bytes_received.values()) == (len(t) + len(x)) * eb
+    assert sum(plan.bytes_fetched.values()) == (len(f) + len(x)) * eb
     summary = plan.summary()
-    assert summary["bytes_p2p"] == len(t) * eb and summary["bytes_fetched"] == len(f) * eb
+    assert summary["bytes_p2p"] == len(t) * eb and summary["bytes_fetched"] == (len(f) + len(x)) * eb
+    assert summary["bytes_relayed"] == len(x) * eb
     assert summary["keeps"] == int(plan.keeps.sum())
-    assert (summary["transfers"], summary["copies"], summary["fetches"]) == (len(t), len(c), len(f))
+    assert (summary["transfers"], summary["copies"], summary["fetches"], summary["relays"]) == (
+        len(t), len(c), len(f), len(x))
 
     # for_rank parts partition the plan
     everyone = sorted(set(new.ranks) | live)
@@ -176,22 +193,26 @@ def check_invariants(plan: TransferPlan, old: ExpertLayout, new: ExpertLayout, l
     assert sum(len(p.copies) for p in parts) == len(c)
     assert sum(len(p.fetches) for p in parts) == len(f)
     assert sum(p.keeps for p in parts) == int(plan.keeps.sum())
+    assert sum(len(p.relay_sends) for p in parts) == sum(len(p.relay_recvs) for p in parts) == len(x)
     for p in parts:
         assert isinstance(p, RankPlan)
         assert (p.sends[:, SRC] == p.rank).all() and (p.recvs[:, DST] == p.rank).all()
         assert (p.copies[:, 1] == p.rank).all() and (p.fetches[:, 2] == p.rank).all()
-        assert p.peers == sorted(set(p.sends[:, DST].tolist()) | set(p.recvs[:, SRC].tolist()))
+        assert (p.relay_sends[:, SRC] == p.rank).all() and (p.relay_recvs[:, DST] == p.rank).all()
+        assert p.peers == sorted(set(p.sends[:, DST].tolist()) | set(p.recvs[:, SRC].tolist())
+                                 | set(p.relay_sends[:, DST].tolist()) | set(p.relay_recvs[:, SRC].tolist()))
         assert len(p.ops_in_order()) == len(p.sends) + len(p.recvs)
     stacked = np.concatenate([p.sends for p in parts])
     assert sorted(map(tuple, stacked.tolist())) == sorted(map(tuple, t.tolist()))
     assert plan.participants == sorted(
         set(t[:, SRC].tolist()) | set(t[:, DST].tolist()) | set(c[:, 1].tolist()) | set(f[:, 2].tolist())
+        | set(x[:, SRC].tolist()) | set(x[:, DST].tolist())
     )
-    assert plan.is_noop == (len(t) + len(c) + len(f) == 0)
+    assert plan.is_noop == (len(t) + len(c) + len(f) + len(x) == 0)
 
 
 def assert_same_plan(a: TransferPlan, b: TransferPlan) -> None:
-    for name in ("transfers", "copies", "fetches", "keeps"):
+    for name in ("transfers", "copies", "fetches", "relays", "keeps"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     assert a.num_stages == b.num_stages
     assert (a.bytes_sent, a.bytes_received, a.bytes_fetched) == (b.bytes_sent, b.bytes_received, b.bytes_fetched)
@@ -283,12 +304,66 @@ def test_plan_reaches_new_layout_per_event(event, data):
         assert plan.for_rank(r).keeps == 0 and len(plan.for_rank(r).copies) == 0
 
 
+@pytest.mark.parametrize("event", EVENTS)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_striped_plan_reaches_new_layout_per_event(event, data):
+    _, old, new, live, fresh, eb = data.draw(scenarios(events=(event,)))
+    plan = plan_transfers(old, new, live, expert_bytes=eb, fresh_ranks=fresh, stripe_fetches=True)
+    assert_reaches_new(plan, old, new, live)
+    check_invariants(plan, old, new, live, fresh)
+    plain = plan_transfers(old, new, live, expert_bytes=eb, fresh_ranks=fresh)
+    # striping only moves reads: the same experts are read, the rest of the plan is unchanged
+    reads = lambda p: sorted(map(tuple, np.concatenate([p.fetches[:, [0, 1, 2, 3]], p.relays[:, [LAYER, EXPERT, DST, DST_SLOT]]]).tolist()))  # noqa: E731
+    assert reads(plan) == reads(plain)
+    for name in ("transfers", "copies", "keeps"):
+        assert np.array_equal(getattr(plan, name), getattr(plain, name)), name
+    # per node, reads are spread: a candidate never has 2+ more reads than another candidate of that node
+    node_of = dict(zip(new.ranks, new.rank_nodes))
+    counts: dict[int, int] = {}
+    for r in np.concatenate([plan.fetches[:, 2], plan.relays[:, SRC]]).tolist():
+        counts[r] = counts.get(r, 0) + 1
+    for dst in set(plan.fetches[:, 2].tolist()) | set(plan.relays[:, DST].tolist()):
+        helpers = [r for r in new.ranks if r in set(live) and node_of[r] == node_of[dst]]
+        assert counts.get(dst, 0) <= min(counts.get(r, 0) for r in helpers) + 1 if helpers else True
+
+
+def test_striping_shares_a_dead_ranks_reads_with_its_node():
+    # 1 layer; ranks 0, 1, 2 on node 0 and rank 3 on node 1, 2 slots each; rank 2 dies and is replaced.
+    old = ExpertLayout(np.array([[0, 1, 2, 3, 4, 5, 6, 7]]), 2, 8, (0, 1, 2, 3), (0, 0, 0, 1))
+    plan = plan_transfers(old, old, [0, 1, 3], expert_bytes=10, fresh_ranks=[2], stripe_fetches=True)
+    # (layer, expert, rank, slot): the replacement reads expert 4 itself...
+    assert plan.fetches.tolist() == [[0, 4, 2, 0]]
+    # ...and rank 0 (fewest reads, lowest id; rank 3 is on another node) reads expert 5 and relays it
+    assert plan.relays.tolist() == [[0, 5, 0, -1, 2, 1, 0]]
+    assert plan.bytes_fetched == {0: 10, 1: 0, 2: 10, 3: 0}
+    assert plan.bytes_sent == {0: 10, 1: 0, 3: 0} and plan.bytes_received[2] == 10
+    assert plan.for_rank(0).relay_sends.tolist() == [[0, 5, 0, -1, 2, 1, 0]]
+    assert plan.for_rank(2).relay_recvs.tolist() == [[0, 5, 0, -1, 2, 1, 0]]
+    assert plan.for_rank(2).peers == [0]
+    assert apply_plan(plan, {0: np.array([[0, 1]]), 1: np.array([[2, 3]]), 3: np.array([[6, 7]])})[2].tolist() == [[4, 5]]
+    assert len(plan_transfers(old, old, [0, 1, 3], fresh_ranks=[2]).relays) == 0  # off by default
+
+
+def test_apply_plan_refuses_a_relay_through_a_dead_rank():
+    old = ExpertLayout(np.array([[0, 1, 2, 3]]), 2, 4, (0, 1), (0, 0))
+    plan = plan_transfers(old, old, [0], fresh_ranks=[1], stripe_fetches=True)
+    assert plan.relays[:, SRC].tolist() == [0]
+    bad = dataclasses.replace(plan, relays=plan.relays.copy())
+    bad.relays[:, SRC] = 1
+    with pytest.raises(AssertionError, match="relays through rank 1"):
+        apply_plan(bad, {0: np.array([[0, 1]])})
+
+
 @settings(max_examples=60, deadline=None)
 @given(scenarios())
 def test_plan_is_deterministic(scenario):
     _, old, new, live, _, eb = scenario
     a = plan_transfers(old, new, live, expert_bytes=eb)
     b = plan_transfers(old, new, list(reversed(live)), expert_bytes=eb)
+    assert_same_plan(a, b)
+    a = plan_transfers(old, new, live, expert_bytes=eb, stripe_fetches=True)
+    b = plan_transfers(old, new, list(reversed(live)), expert_bytes=eb, stripe_fetches=True)
     assert_same_plan(a, b)
 
 
@@ -383,8 +458,8 @@ def test_golden_plan(golden):
     assert plan.bytes_received == {0: 0, 1: 20, 2: 30}
     assert plan.bytes_fetched == {0: 10, 1: 0, 2: 10}
     assert plan.summary() == {
-        "keeps": 3, "copies": 2, "transfers": 5, "fetches": 2, "stages": 3,
-        "bytes_p2p": 50, "bytes_fetched": 20,
+        "keeps": 3, "copies": 2, "transfers": 5, "fetches": 2, "relays": 0, "stages": 3,
+        "bytes_p2p": 50, "bytes_fetched": 20, "bytes_relayed": 0,
         "max_rank_bytes_sent": 30, "max_rank_bytes_received": 30, "max_rank_bytes_fetched": 10,
     }
     assert plan.participants == [0, 1, 2]
