@@ -174,6 +174,8 @@ def execute_rank_plan(
     starts (fault injection and progress reporting hook). Storage fetches run in a
     background thread (on their own CUDA stream) while the point-to-point exchange
     runs; their errors are raised after the exchange, so peers never wait on storage.
+    Reads for another rank (``part.relay_sends``) start with them and are sent, and
+    relays for this rank received, in a second round. ``timeout_s`` bounds it all.
     """
     w13, w2 = weights.w13, weights.w2
     shape13, shape2 = tuple(w13.shape[2:]), tuple(w2.shape[2:])
@@ -186,6 +188,11 @@ def execute_rank_plan(
     def phase(name: str) -> None:
         if on_phase is not None:
             on_phase(name)
+
+    deadline = time.monotonic() + timeout_s  # one bound for the exchange, the relays and the reads
+
+    def left() -> float:
+        return max(deadline - time.monotonic(), 0.001)
 
     # Point-to-point, packed per (stage, peer), ordered deadlock-free.
     t0 = time.perf_counter()
@@ -218,17 +225,17 @@ def execute_rank_plan(
         relayer.start()
     t1 = time.perf_counter()
     if len(part.sends) or len(part.recvs):
-        transport.execute(timeout_s)
+        transport.execute(left())
     staged.timings_s["exchange"] = time.perf_counter() - t1
     staged.timings_s["transfer"] = time.perf_counter() - t0
     for flat, rows in recv_batches:
         staged.add_batch(flat, rows, shape13, shape2)
 
     if len(part.relay_sends) or len(part.relay_recvs):
-        _relay_round(part, relayer, staged, transport, group_rank, timeout_s, per_message, weights, phase)
+        _relay_round(part, relayer, staged, transport, group_rank, left, per_message, weights, phase)
 
     if fetcher is not None:
-        flat, rows, sums = fetcher.join(timeout_s)
+        flat, rows, sums = fetcher.join(left())
         staged.add_batch(flat, rows, shape13, shape2, sums)
         staged.bytes_fetched += flat.numel() * elem
 
@@ -246,11 +253,12 @@ def execute_rank_plan(
 
 
 def _relay_round(part: RankPlan, relayer: Optional["_Fetcher"], staged: StagedUpdate, transport, group_rank: dict,
-                 timeout_s: float, per_message: int, weights: ExpertWeights, phase) -> None:
+                 left: Callable[[], float], per_message: int, weights: ExpertWeights, phase) -> None:
     """Second round: send what this rank read for others, receive what others read for it.
 
     Both sides cut the relays of a (sender, receiver) pair into the same messages; a
     message travels as its two halves, straight from the sender's read buffer.
+    ``left()`` gives the seconds left of the whole transfer's bound.
     """
     t0 = time.perf_counter()
     phase("relay")
@@ -258,7 +266,7 @@ def _relay_round(part: RankPlan, relayer: Optional["_Fetcher"], staged: StagedUp
     shape13, shape2 = tuple(weights.w13.shape[2:]), tuple(weights.w2.shape[2:])
     a13 = a2 = None
     if relayer is not None:
-        flat, _, _ = relayer.join(timeout_s)
+        flat, _, _ = relayer.join(left())
         a13, a2 = _halves(flat, len(part.relay_sends), staged.n13)
         staged.bytes_fetched += flat.numel() * flat.element_size()
     sends = part.relay_sends.copy()
@@ -278,7 +286,7 @@ def _relay_round(part: RankPlan, relayer: Optional["_Fetcher"], staged: StagedUp
             transport.add_recv(h2, group_rank[peer])
             received.append((flat, rows[:, [LAYER, DST_SLOT, EXPERT]].astype(np.int64)))
             staged.bytes_received += flat.numel() * flat.element_size()
-    transport.execute(timeout_s)
+    transport.execute(left())
     for flat, rows in received:
         staged.add_batch(flat, rows, shape13, shape2)
     staged.timings_s["relay"] = time.perf_counter() - t0
