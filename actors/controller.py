@@ -549,11 +549,12 @@ class Controller:
     def _spares_prepared(self, members: bool = False) -> dict:
         """Per live spare (or member): its prepare_backups result, "preparing", or the error it raised."""
         out = {}
+        member_ids = set(self.members.values())
         for wid, ref in list(self.preparing.items()):
-            if wid in self.dead or wid not in set(self.spares) | set(self.members.values()):
+            if wid in self.dead or wid not in member_ids | set(self.spares):
                 self.preparing.pop(wid, None)
                 continue
-            if (wid in self.members.values()) != members:
+            if (wid in member_ids) != members:
                 continue
             if not ray.wait([ref], timeout=0)[0]:
                 out[wid] = "preparing"
@@ -1123,8 +1124,9 @@ class Controller:
                     bad.append((r, layer, slot, expert))
         if bad:
             # A fetched copy that fails verification came from storage: trying again reads the same bytes.
+            read = set(fetch_keys)
             from_storage = sorted({(layer, expert) for r, layer, slot, expert in bad
-                                   if (layer, expert) in set(fetch_keys)
+                                   if (layer, expert) in read
                                    and (layer, expert) not in backup_refs})
             if from_storage:
                 with self._state_lock:

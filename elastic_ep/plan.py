@@ -329,7 +329,7 @@ def _stripe(fetches: np.ndarray, helpers: list[int], node_of: dict[int, int]) ->
     """Share storage reads between each destination and the helper ranks on its node.
 
     fetches: [F, 4] (layer, expert, rank, slot). helpers: live ranks that may read for
-    another. Reads go, in (layer, expert, rank) order, to the candidate (the destination,
+    another. Reads go, in (rank, layer, expert) order, to the candidate (the destination,
     or a helper on its node) with the fewest reads so far; ties go to the destination,
     then to the lowest rank. Returns (fetches kept by their destination [F', 4], relays
     [X, 7] sorted by (src, dst, layer, expert)).
@@ -340,7 +340,7 @@ def _stripe(fetches: np.ndarray, helpers: list[int], node_of: dict[int, int]) ->
     for r in sorted(helpers):
         by_node.setdefault(node_of[r], []).append(r)
     via = np.empty(len(fetches), dtype=np.int64)
-    for i, (dst, layer) in enumerate(zip(fetches[:, 2].tolist(), fetches[:, 0].tolist())):
+    for i, dst in enumerate(fetches[:, 2].tolist()):
         best = dst
         for r in by_node.get(node_of[dst], ()):
             if load.get(r, 0) < load.get(best, 0):
@@ -598,14 +598,12 @@ def apply_plan(plan: TransferPlan, state: dict[int, np.ndarray], storage: Option
         if src not in plan.live_ranks:
             raise AssertionError(f"plan sends from dead rank {src}")
         out[dst][layer, dst_slot] = state[src][layer, src_slot]
-    for layer, expert, rank, slot in plan.fetches:
-        out[rank][layer, slot] = expert
-        if storage is not None:
-            storage[(int(layer), int(expert))] = storage.get((int(layer), int(expert)), 0) + 1
-    for layer, expert, via, _, dst, dst_slot, _ in plan.relays:
+    for layer, expert, via, _, dst, _, _ in plan.relays:
         if via not in plan.live_ranks or via == dst:
             raise AssertionError(f"plan relays through rank {via} (live: {sorted(plan.live_ranks)}, to {dst})")
-        out[dst][layer, dst_slot] = expert
+    reads = np.concatenate([plan.fetches, plan.relays[:, [LAYER, EXPERT, DST, DST_SLOT]]])  # (layer, expert, rank, slot)
+    for layer, expert, rank, slot in reads:
+        out[rank][layer, slot] = expert
         if storage is not None:
             storage[(int(layer), int(expert))] = storage.get((int(layer), int(expert)), 0) + 1
     for layer, rank, src_slot, dst_slot, after in plan.copies:
