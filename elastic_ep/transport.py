@@ -28,21 +28,25 @@ Ordering contract (the executor's job, not this module's)
     exchange are posted together, so a ring (each rank sends right and receives left) cannot
     deadlock the way a blocking send-then-recv does.
 
-Rounds, and why not a sliding window
-    ``exchange`` splits its ops into rounds of at most ``max_ops_in_flight`` and finishes round i
-    before posting round i+1. The round of an op is ``n // per_direction``, where n counts the
-    earlier ops of the same direction with the same peer and ``per_direction = max(1,
-    max_ops_in_flight // (2 * (world - 1)))``. Both ends of a transfer compute the same n (it is the
-    matching index above), so every op's partner lies in the same round on the peer, and by
-    induction over rounds no rank ever waits for an op its peer has not posted.
-    A per-rank sliding window (post the first W ops, then one more each time the oldest finishes)
-    can deadlock even when every pair's order agrees: with A = [send B, recv C], B = [send C,
-    recv A], C = [send A, recv B] and W = 1, each rank waits on a send whose receive its peer has
-    not posted. A window is safe for gloo only when every rank's list is a projection of one
-    global order (the oldest unfinished transfer is then posted at both ends, and gloo ops progress
-    independently); for NCCL it is not safe even then, since a coalesced group runs as one kernel
-    that may stall behind an op whose partner sits in the peer's next window. Rounds need only the
-    per-pair order above and are safe for both backends, so both use them.
+Rounds, and why not a sliding window of ops
+    ``exchange`` splits its ops into rounds of at most ``max_ops_in_flight``. The round of an op is
+    ``n // per_direction``, where n counts the earlier ops of the same direction with the same peer
+    and ``per_direction = max(1, max_ops_in_flight // (2 * (world - 1)))``. Both ends of a transfer
+    compute the same n (it is the matching index above), so every op's partner lies in the same
+    round on the peer. ``exchange_rounds`` takes the rounds from the caller instead (the executor
+    makes one per message index, so it can pack the next round while this one moves); its
+    contract is the same: every rank posts its rounds in one global order of round keys, and
+    each op's partner sits in the peer's round of the same key.
+    Gloo finishes round i before posting round i+1. NCCL posts up to ``_ROUNDS_IN_FLIGHT`` rounds
+    before waiting for the oldest: each round is one coalesced group, and the groups of one rank
+    run in posting order on its NCCL stream. Neither can deadlock: the incomplete round with the
+    smallest key, on every rank that has it, has only complete rounds before it, so it is
+    running (or posted) at both ends of each of its transfers and finishes.
+    A per-rank sliding window of *ops* (post the first W ops, then one more each time the oldest
+    finishes) can deadlock even when every pair's order agrees: with A = [send B, recv C],
+    B = [send C, recv A], C = [send A, recv B] and W = 1, each rank waits on a send whose receive
+    its peer has not posted. Rounds need only the per-pair order above and are safe for both
+    backends, so both use them.
 
 Failure semantics
     Every wait is bounded by the exchange's deadline. A timeout raises ``TransferTimeoutError``
@@ -72,7 +76,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal, Optional, Sequence, Union
+from typing import Iterable, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -90,6 +94,7 @@ logger = logging.getLogger(__name__)
 GLOO_BACKEND = "EEP_GLOO"  # CPU tensors over torch's ProcessGroupGloo
 NCCL_BACKEND = "EEP_NCCL"  # CUDA tensors over torch's ProcessGroupNCCL
 DEFAULT_MAX_OPS_IN_FLIGHT = 64  # ops posted together in one round (see the module docstring)
+_ROUNDS_IN_FLIGHT = 4  # NCCL rounds posted before the oldest must finish (see the module docstring)
 
 _P2P_TAG = 0  # one tag for every point-to-point op: matching is by per-pair order
 _NCCL_SPIN_S = 0.002  # poll a posted NCCL round without sleeping for this long (small transfers)...
@@ -519,37 +524,65 @@ class EpochP2PGroup(BaseGroup):
     def exchange(self, ops: Sequence[P2POp], timeout_s: Optional[float] = None) -> None:
         """Run every op, all posted together round by round, within ``timeout_s`` (default: the group's).
 
-        ``ops`` must follow the ordering contract of the module docstring. Raises
-        ``TransferTimeoutError`` (peers still pending), ``PeerDiedError`` (a peer's connection
-        closed) or ``TransferError``; after any of them the group is broken.
+        ``ops`` must follow the ordering contract of the module docstring. Raises ``ValueError``
+        for a bad op before anything is posted; then ``TransferTimeoutError`` (peers still
+        pending), ``PeerDiedError`` (a peer's connection closed) or ``TransferError``; after any
+        of them the group is broken.
         """
-        timeout_s = self._config.timeout_s if timeout_s is None else float(timeout_s)
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         ops = list(ops)
         for op in ops:
             if not isinstance(op, P2POp):
                 raise ValueError(f"exchange takes P2POp items, got {type(op).__name__}")
             self._check_op(op)
         self._check_usable()
-        if not ops:
-            return
+        self.exchange_rounds([ops], timeout_s)
+
+    def exchange_rounds(self, rounds: Iterable[Sequence[P2POp]], timeout_s: Optional[float] = None) -> None:
+        """Run rounds of ops in order, each round's ops posted together, all within ``timeout_s``.
+
+        ``rounds`` may be a generator: the next round is drawn once the previous one is posted
+        (on NCCL posted, not finished: up to ``_ROUNDS_IN_FLIGHT`` rounds move at once), so a
+        caller can pack round i+1's sends while round i is on the wire. Every rank must draw its
+        rounds in one global order of round keys, with each op's partner in the peer's round of
+        the same key (a rank skips keys it has nothing in); see "Rounds" in the module docstring.
+        A round larger than ``max_ops_in_flight`` is split with ``split_into_rounds``. Errors as
+        for ``exchange``; a bad op or a failing ``rounds`` generator breaks the group too, since
+        earlier rounds may already be posted.
+        """
+        timeout_s = self._config.timeout_s if timeout_s is None else float(timeout_s)
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        self._check_usable()
         deadline = time.monotonic() + timeout_s
+        n_ops = 0
         with self._lock:
             self._check_usable()
-            rounds = split_into_rounds(ops, self.world_size, self._config.max_ops_in_flight)
-            for index, round_ops in enumerate(rounds):
-                try:
-                    self._run_round(round_ops, deadline)
-                except _RoundFailed as failure:
-                    later = {op.peer for later_ops in rounds[index + 1 :] for op in later_ops}
-                    raise self._fail(failure, later, len(ops), timeout_s) from None
-                except Exception as exc:  # posting failed: torch raised something we did not foresee
-                    self._break(f"exchange failed: {_short(exc)}")
-                    raise TransferError(
-                        f"group {self.group_name!r} rank {self.rank}: exchange failed: {_short(exc)}; "
-                        "group aborted, re-form"
-                    ) from exc
+            posted: list[tuple[object, set[int]]] = []  # (handle, peers) of unfinished rounds, oldest first
+            try:
+                for ops in rounds:
+                    ops = list(ops)
+                    for op in ops:
+                        if not isinstance(op, P2POp):
+                            raise ValueError(f"exchange takes P2POp items, got {type(op).__name__}")
+                        self._check_op(op)
+                    n_ops += len(ops)
+                    for part in split_into_rounds(ops, self.world_size, self._config.max_ops_in_flight):
+                        while len(posted) >= _ROUNDS_IN_FLIGHT:
+                            self._finish_round(posted[0][0], deadline)
+                            posted.pop(0)
+                        posted.append((self._start_round(part, deadline), {op.peer for op in part}))
+                while posted:
+                    self._finish_round(posted[0][0], deadline)
+                    posted.pop(0)
+            except _RoundFailed as failure:
+                later = {peer for _, peers in posted for peer in peers} - failure.peers
+                raise self._fail(failure, later, n_ops, timeout_s) from None
+            except Exception as exc:  # posting failed, a bad op, or the caller's generator raised
+                self._break(f"exchange failed: {_short(exc)}")
+                raise TransferError(
+                    f"group {self.group_name!r} rank {self.rank}: exchange failed: {_short(exc)}; "
+                    "group aborted, re-form"
+                ) from exc
 
     def _fail(self, failure: _RoundFailed, later_peers: set[int], n_ops: int, timeout_s: float) -> TransferError:
         """Break the group and build the public error for a failed round."""
@@ -578,6 +611,17 @@ class EpochP2PGroup(BaseGroup):
         involved = failure.peers | (later_peers if failure.cause == "timeout" else set())
         error.peers = sorted(involved)  # type: ignore[attr-defined]
         return error
+
+    def _start_round(self, ops: list[P2POp], deadline: float) -> object:
+        """Post ``ops`` together; returns a handle for ``_finish_round``. Raises _RoundFailed.
+
+        By default the round runs to completion here (``_run_round``) and the handle is None.
+        """
+        self._run_round(ops, deadline)
+        return None
+
+    def _finish_round(self, handle: object, deadline: float) -> None:
+        """Wait for a round started by ``_start_round``; raise _RoundFailed."""
 
     @abstractmethod
     def _run_round(self, ops: list[P2POp], deadline: float) -> None:
@@ -846,7 +890,9 @@ class NcclEpochGroup(EpochP2PGroup):
             ) from exc
         return pg
 
-    def _run_round(self, ops: list[P2POp], deadline: float) -> None:
+    def _start_round(self, ops: list[P2POp], deadline: float) -> object:
+        """Post the round as one coalesced NCCL group; it waits on the GPU for work already queued
+        on the current stream (the packing of its sends), not for later rounds' packing."""
         pg = self._pg
         if pg is None:
             raise _RoundFailed("aborted", {op.peer for op in ops}, self._broken or "group released")
@@ -857,9 +903,14 @@ class NcclEpochGroup(EpochP2PGroup):
                 post([op.tensor], op.peer, _P2P_TAG)
         finally:
             work = pg._end_coalescing()
-        del pg
-        peers = {op.peer for op in ops}
+        return work, {op.peer for op in ops}
+
+    def _finish_round(self, handle: object, deadline: float) -> None:
+        work, peers = handle
         _poll_nccl(work, deadline, lambda: self._broken, peers)
+
+    def _run_round(self, ops: list[P2POp], deadline: float) -> None:
+        self._finish_round(self._start_round(ops, deadline), deadline)
 
     def _collective(self, what: str, post, deadline: float) -> None:
         work = post(self._pg, timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
@@ -987,6 +1038,20 @@ class Transport(ABC):
     def execute(self, timeout_s: float) -> None:
         """Run every queued op; raise TransferError (or a subclass) on failure."""
 
+    def execute_rounds(self, rounds: Iterable[Sequence[tuple[str, torch.Tensor, int]]], timeout_s: float) -> None:
+        """Run rounds of ``(kind, tensor, peer)`` ops drawn lazily from ``rounds``, within ``timeout_s``.
+
+        Round i+1 is drawn once round i is under way, so its sends can be packed meanwhile.
+        Every rank must draw its rounds in one global order of keys, each op's partner in the
+        peer's round of the same key (``EpochP2PGroup.exchange_rounds``). This default runs
+        them one by one through ``add_send``/``add_recv``/``execute``.
+        """
+        deadline = time.monotonic() + timeout_s
+        for ops in rounds:
+            for kind, tensor, peer in ops:
+                (self.add_send if kind == "send" else self.add_recv)(tensor, peer)
+            self.execute(max(deadline - time.monotonic(), 0.001))
+
     @abstractmethod
     def close(self) -> None:
         """Drop queued ops and release what the transport owns; idempotent, never hangs."""
@@ -1023,6 +1088,13 @@ class CollectiveTransport(Transport):
     def execute(self, timeout_s: float) -> None:
         ops, self._ops = self._ops, []
         self.group.exchange(ops, timeout_s)
+
+    def execute_rounds(self, rounds: Iterable[Sequence[tuple[str, torch.Tensor, int]]], timeout_s: float) -> None:
+        if self._ops:
+            raise TransferError("execute_rounds with ops still queued: execute() them first")
+        self.group.exchange_rounds(
+            ([P2POp(kind, tensor, peer) for kind, tensor, peer in ops] for ops in rounds), timeout_s
+        )
 
     def close(self) -> None:
         self._ops = []

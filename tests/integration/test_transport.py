@@ -115,6 +115,33 @@ class Peer:
             elapsed.append(time.monotonic() - start)
         return {"elapsed_s": elapsed[-1], "first_s": elapsed[0], "received": [t.cpu() for t in received]}
 
+    def exchange_rounds(self, group_name, keyed_plan, timeout_s=10.0, fail_at=None) -> dict:
+        """Run ``(key, kind, peer, spec)`` entries as rounds in key order, drawn lazily through the
+        transport; a round's tensors are made only when it is drawn. ``fail_at``: the generator
+        raises when asked for that key. Returns what arrived, or the error."""
+        received, drawn = [], []
+
+        def rounds():
+            for key in sorted({entry[0] for entry in keyed_plan}):
+                if key == fail_at:
+                    raise RuntimeError(f"packing failed at round {key}")
+                drawn.append(key)
+                ops, got = _build_ops([e[1:] for e in keyed_plan if e[0] == key], self.device)
+                received.extend(got)
+                yield [(op.kind, op.tensor, op.peer) for op in ops]
+
+        start = time.monotonic()
+        transport = CollectiveTransport(group_name)
+        try:
+            transport.execute_rounds(rounds(), timeout_s)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            return {**_error_report(exc, start), "broken": get_group(group_name).broken}
+        finally:
+            transport.close()
+        if self.device != "cpu":
+            torch.cuda.synchronize()
+        return {"error": None, "received": [t.cpu() for t in received], "drawn": drawn}
+
     def exchange_expecting_error(self, group_name, plan, timeout_s) -> dict:
         ops, _ = _build_ops(plan, self.device)
         start = time.monotonic()
@@ -477,6 +504,70 @@ def gpu_peers(ray_session):
     yield actors  # a test may replace a member it killed
     for actor in actors:
         ray.kill(actor)
+
+
+def keyed_all_pairs(world: int, numel: int) -> list[list[tuple]]:
+    """Per rank, ``(key, kind, peer, spec)``: pair (a, b) swaps ``1 + (a + b) % 3`` messages each
+    way, message k in round k, so ranks skip the rounds they have nothing in."""
+    plans = [[] for _ in range(world)]
+    for me in range(world):
+        for peer in range(world):
+            if peer == me:
+                continue
+            for k in range(1 + (me + peer) % 3):
+                size = numel + 7 * k + me + peer  # both ends compute the same size
+                plans[me] += [(k, *send_spec("send", me, peer, k, size)), (k, *send_spec("recv", me, peer, k, size))]
+    return plans
+
+
+def assert_keyed_received(result: dict, plan) -> None:
+    expected = [identity_tensor(*spec) for key in sorted({e[0] for e in plan})
+                for k, kind, _, spec in plan if k == key and kind == "recv"]
+    assert result["error"] is None, result
+    assert len(result["received"]) == len(expected)
+    for got, want in zip(result["received"], expected):
+        assert torch.equal(got, want), f"received {got[:4]} expected {want[:4]}"
+
+
+@pytest.mark.timeout(60, func_only=True)
+def test_rounds_drawn_lazily_with_skipped_keys(peers, store):
+    """Four ranks, rounds made on demand by a generator; each pair swaps a different number of messages."""
+    world = 4
+    name, _ = form(peers[:world], store)
+    plans = keyed_all_pairs(world, 1000)
+    results = ray.get([p.exchange_rounds.remote(name, plans[r]) for r, p in enumerate(peers[:world])], timeout=30)
+    for result, plan in zip(results, plans):
+        assert_keyed_received(result, plan)
+        assert result["drawn"] == sorted({e[0] for e in plan})
+    ray.get([p.leave.remote(name) for p in peers[:world]], timeout=10)
+
+
+@pytest.mark.timeout(60, func_only=True)
+def test_failing_round_generator_breaks_the_group_and_the_peer_learns_in_bounded_time(peers, store):
+    name, _ = form(peers[:2], store)
+    plans = keyed_all_pairs(2, 1000)[:2]  # pair (0, 1): two messages each way, rounds 0 and 1
+    refs = [peers[0].exchange_rounds.remote(name, plans[0], 3.0, fail_at=1),
+            peers[1].exchange_rounds.remote(name, plans[1], 3.0)]
+    failed, waited = ray.get(refs, timeout=30)
+    assert failed["is_transfer_error"] and "packing failed at round 1" in failed["message"]
+    assert failed["broken"] is not None  # round 0 may be posted: the group cannot be trusted again
+    # the peer learns within its bound: gloo sees the aborted connection at once, NCCL at the deadline
+    assert waited["is_transfer_error"] and waited["error"] in ("PeerDiedError", "TransferTimeoutError")
+    assert waited["peers"] == [0] and waited["elapsed_s"] < 3.0 + 2.0
+    ray.get([p.leave.remote(name) for p in peers[:2]], timeout=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(240, func_only=True)
+def test_nccl_rounds_in_flight_drawn_lazily(gpu_peers, store):
+    """Six rounds each way (more than are ever in flight), drawn lazily, arrive intact over NCCL."""
+    name, _ = form(gpu_peers, store, timeout_s=60)
+    plans = [[(k, *send_spec(kind, me, 1 - me, k, (1 << 20) + k)) for k in range(6) for kind in ("send", "recv")]
+             for me in range(2)]
+    results = ray.get([p.exchange_rounds.remote(name, plans[r], 60.0) for r, p in enumerate(gpu_peers)], timeout=120)
+    for result, plan in zip(results, plans):
+        assert_keyed_received(result, plan)
+    ray.get([p.leave.remote(name) for p in gpu_peers], timeout=30)
 
 
 @pytest.mark.gpu
