@@ -418,6 +418,10 @@ class _NoTransport:
     def execute(self, timeout_s):
         return None
 
+    def execute_rounds(self, rounds, timeout_s):
+        if any(ops for ops in rounds):  # pragma: no cover - never called with transfers
+            raise TransferError("no transport")
+
 
 def worker_actor_class(device: str):
     """The ray.remote-wrapped worker class: one GPU each on CUDA, no CPU reservation on CPU."""

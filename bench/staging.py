@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from elastic_ep.executor import ExpertWeights, StagedUpdate, _halves, _pack, commit  # noqa: E402
+from elastic_ep.executor import ExpertWeights, StagedUpdate, _halves, _pack, _row_index, commit  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     rows = []
 
     def pack_all():
-        return [_pack(w, layers[a:a + per_msg], slots[a:a + per_msg], n13) for a in range(0, args.moved, per_msg)]
+        return [_pack(w, _row_index(w, layers[a:a + per_msg], slots[a:a + per_msg]), n13) for a in range(0, args.moved, per_msg)]
 
     def alloc_all():
         return [torch.empty((min(per_msg, args.moved - a), w.expert_numel), dtype=torch.bfloat16, device=dev)

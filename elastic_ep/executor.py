@@ -14,6 +14,7 @@ indexed gather and committed with one indexed copy.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -169,7 +170,7 @@ def execute_rank_plan(
 ) -> StagedUpdate:
     """Run this rank's sends, receives, copies and fetches into a StagedUpdate.
 
-    transport: a Transport (add_send/add_recv/execute). group_rank maps rank ids to
+    transport: a Transport (``execute_rounds``). group_rank maps rank ids to
     ranks of the transport's group. ``on_phase`` is called with each phase name as it
     starts (fault injection and progress reporting hook). Storage fetches run in a
     background thread (on their own CUDA stream) while the point-to-point exchange
@@ -194,40 +195,63 @@ def execute_rank_plan(
     def left() -> float:
         return max(deadline - time.monotonic(), 0.001)
 
-    # Point-to-point, packed per (stage, peer), ordered deadlock-free.
+    # Storage reads for experts no live rank holds, and reads this rank relays to another
+    # in the second round, run in background threads during the exchange.
     t0 = time.perf_counter()
     phase("transfer")
-    recv_batches: list[tuple[torch.Tensor, np.ndarray]] = []
-    for kind, stage, peer, rows in _messages(part, per_message):
-        if kind == "send":
-            flat = _pack(weights, rows[:, LAYER], rows[:, SRC_SLOT], n13)
-            transport.add_send(flat, group_rank[peer])
-            staged.bytes_sent += flat.numel() * elem
-        else:
-            flat = torch.empty(len(rows) * numel, dtype=w13.dtype, device=w13.device)
-            transport.add_recv(flat, group_rank[peer])
-            recv_batches.append((flat, rows[:, [LAYER, DST_SLOT, EXPERT]].astype(np.int64)))
-            staged.bytes_received += flat.numel() * elem
-    staged.timings_s["pack"] = time.perf_counter() - t0
-
-    # Storage fetches for experts no live rank holds, in a background thread during the
-    # exchange. Started only now: its copy-issuing loop would hold up packing for the GIL.
     fetcher = relayer = None
     if len(part.fetches) or len(part.relay_sends):
         phase("fetch")
     if len(part.fetches):
         fetcher = _Fetcher(part.fetches, fetch, weights, staged.timings_s)
         fetcher.start()
-    if len(part.relay_sends):  # experts this rank reads for another, sent in the second round
+    if len(part.relay_sends):
         rows = part.relay_sends
         relayer = _Fetcher(np.stack([rows[:, LAYER], rows[:, EXPERT], rows[:, SRC], rows[:, SRC_SLOT]], axis=1),
                            fetch, weights, {})
         relayer.start()
+
+    # Point-to-point, packed per (stage, peer): one round per (stage, message index), so the
+    # next round's sends are packed on the GPU while this round's move.
+    recv_batches: list[tuple[torch.Tensor, np.ndarray]] = []
+    clock = {"pack": 0.0, "alloc": 0.0}  # CPU seconds packing rounds, and allocating their buffers
+    messages = _messages(part, per_message)
+    sends = [rows for _, _, kind, _, rows in messages if kind == "send"]
+    if sends:  # one upload of every send's row index
+        sends = np.concatenate(sends)
+        index = _row_index(weights, sends[:, LAYER], sends[:, SRC_SLOT])
+
+    def buffer(n: int) -> torch.Tensor:
+        t = time.perf_counter()
+        out = torch.empty(n * numel, dtype=w13.dtype, device=w13.device)
+        clock["alloc"] += time.perf_counter() - t
+        return out
+
+    def rounds():
+        at = 0
+        for _, group in itertools.groupby(messages, key=lambda m: m[:2]):
+            t = time.perf_counter()
+            ops = []
+            for _, _, kind, peer, rows in group:
+                flat = buffer(len(rows))
+                if kind == "send":
+                    _pack(weights, index[at : at + len(rows)], n13, flat)
+                    at += len(rows)
+                    staged.bytes_sent += flat.numel() * elem
+                else:
+                    recv_batches.append((flat, rows[:, [LAYER, DST_SLOT, EXPERT]].astype(np.int64)))
+                    staged.bytes_received += flat.numel() * elem
+                ops.append((kind, flat, group_rank[peer]))
+            clock["pack"] += time.perf_counter() - t
+            yield ops
+
     t1 = time.perf_counter()
-    if len(part.sends) or len(part.recvs):
-        transport.execute(left())
-    staged.timings_s["exchange"] = time.perf_counter() - t1
+    staged.timings_s["setup"] = t1 - t0  # reads started, messages cut, send rows uploaded
+    if messages:
+        transport.execute_rounds(rounds(), left())
+    staged.timings_s["exchange"] = time.perf_counter() - t1  # packing included: it overlaps the wire
     staged.timings_s["transfer"] = time.perf_counter() - t0
+    staged.timings_s.update(clock)
     for flat, rows in recv_batches:
         staged.add_batch(flat, rows, shape13, shape2)
 
@@ -273,34 +297,44 @@ def _relay_round(part: RankPlan, relayer: Optional["_Fetcher"], staged: StagedUp
     sends[:, SRC_SLOT] = np.arange(len(sends))  # position in the read buffer, which is in plan order
     rounds = RankPlan(part.rank, sends, part.relay_recvs, np.empty((0, 5), np.int64), np.empty((0, 4), np.int64), 0)
     received = []
-    for kind, _, peer, rows in _messages(rounds, per_message):
-        if kind == "send":
-            lo, hi = int(rows[0, SRC_SLOT]), int(rows[-1, SRC_SLOT]) + 1  # contiguous: one peer's run
-            transport.add_send(a13[lo:hi], group_rank[peer])
-            transport.add_send(a2[lo:hi], group_rank[peer])
-            staged.bytes_sent += (hi - lo) * numel * like.element_size()
-        else:
-            flat = torch.empty(len(rows) * numel, dtype=like.dtype, device=like.device)
-            h13, h2 = _halves(flat, len(rows), staged.n13)
-            transport.add_recv(h13, group_rank[peer])
-            transport.add_recv(h2, group_rank[peer])
-            received.append((flat, rows[:, [LAYER, DST_SLOT, EXPERT]].astype(np.int64)))
-            staged.bytes_received += flat.numel() * flat.element_size()
-    transport.execute(left())
+
+    def ops_by_round():
+        for _, group in itertools.groupby(_messages(rounds, per_message), key=lambda m: m[:2]):
+            ops = []
+            for _, _, kind, peer, rows in group:
+                if kind == "send":
+                    lo, hi = int(rows[0, SRC_SLOT]), int(rows[-1, SRC_SLOT]) + 1  # contiguous: one peer's run
+                    ops += [("send", a13[lo:hi], group_rank[peer]), ("send", a2[lo:hi], group_rank[peer])]
+                    staged.bytes_sent += (hi - lo) * numel * like.element_size()
+                else:
+                    flat = torch.empty(len(rows) * numel, dtype=like.dtype, device=like.device)
+                    h13, h2 = _halves(flat, len(rows), staged.n13)
+                    ops += [("recv", h13, group_rank[peer]), ("recv", h2, group_rank[peer])]
+                    received.append((flat, rows[:, [LAYER, DST_SLOT, EXPERT]].astype(np.int64)))
+                    staged.bytes_received += flat.numel() * flat.element_size()
+            yield ops
+
+    transport.execute_rounds(ops_by_round(), left())
     for flat, rows in received:
         staged.add_batch(flat, rows, shape13, shape2)
     staged.timings_s["relay"] = time.perf_counter() - t0
 
 
-def _pack(weights: ExpertWeights, layers: np.ndarray, slots: np.ndarray, n13: int) -> torch.Tensor:
-    """Live experts at (layers[i], slots[i]) packed into one new 1-D message (see the module docstring)."""
+def _row_index(weights: ExpertWeights, layers: np.ndarray, slots: np.ndarray) -> torch.Tensor:
+    """Flat live-row index ``layers * slots_per_rank + slots`` ([n]) on the weights' device."""
+    spr = weights.w13.shape[1]
+    flat = np.asarray(layers, dtype=np.int64) * spr + np.asarray(slots, dtype=np.int64)
+    return torch.as_tensor(flat, device=weights.w13.device)
+
+
+def _pack(weights: ExpertWeights, index: torch.Tensor, n13: int, flat: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Live experts at flat rows ``index`` ([n], see ``_row_index``) packed into one 1-D message
+    (layout in the module docstring): ``flat`` (``n * expert_numel`` elements), or a new buffer."""
     w13, w2 = weights.w13, weights.w2
     num_layers, spr = w13.shape[:2]
-    n = len(layers)
-    flat = torch.empty(n * weights.expert_numel, dtype=w13.dtype, device=w13.device)
-    index = torch.as_tensor(np.asarray(layers, dtype=np.int64) * spr + np.asarray(slots, dtype=np.int64),
-                            device=w13.device)
-    a13, a2 = _halves(flat, n, n13)
+    if flat is None:
+        flat = torch.empty(len(index) * weights.expert_numel, dtype=w13.dtype, device=w13.device)
+    a13, a2 = _halves(flat, len(index), n13)
     for live, out in ((w13.view(num_layers * spr, -1), a13), (w2.view(num_layers * spr, -1), a2)):
         live, out = _wide(live, out)
         torch.index_select(live, 0, index, out=out)
@@ -389,25 +423,27 @@ class _Fetcher:
         return self.flat, self.rows, self.sums
 
 
-def _messages(part: RankPlan, per_message: int):
-    """(kind, stage, peer, rows) messages in the plan's deadlock-free order.
+def _messages(part: RankPlan, per_message: int) -> list[tuple[int, int, str, int, np.ndarray]]:
+    """(stage, k, kind, peer, rows) messages, in round order.
 
-    Within a stage the lower rank of a pair sends first; each (stage, peer, direction)
-    run of transfers is cut into messages of at most ``per_message`` experts.
+    Each (stage, peer, direction) run of transfers is cut into messages of at most
+    ``per_message`` experts; k numbers them within the run, and both ends of a pair cut the
+    run identically. A round is one (stage, k): the k-th message to and from every peer of
+    a stage. Within a round the lower rank of a pair lists its send first.
     """
     out = []
     for kind, table, peer_col in (("send", part.sends, DST), ("recv", part.recvs, SRC)):
         if not len(table):
             continue
-        keys = np.stack([table[:, STAGE], table[:, peer_col]], axis=1)
-        uniq = np.unique(keys, axis=0)
-        for stage, peer in uniq:
-            rows = table[(table[:, STAGE] == stage) & (table[:, peer_col] == peer)]
+        # plain Python grouping: np.unique(axis=0) costs tens of ms on its first call in a process
+        stages, peers = table[:, STAGE], table[:, peer_col]
+        for stage, peer in sorted(set(zip(stages.tolist(), peers.tolist()))):
+            rows = table[(stages == stage) & (peers == peer)]
             first = (kind == "send") == (part.rank < peer)
-            for a, b in _split(len(rows), per_message):
-                out.append((int(stage), 0 if first else 1, a, kind, int(peer), rows[a:b]))
-    out.sort(key=lambda m: m[:3])
-    return [(kind, stage, peer, rows) for stage, _, _, kind, peer, rows in out]
+            for k, (a, b) in enumerate(_split(len(rows), per_message)):
+                out.append((int(stage), k, 0 if first else 1, int(peer), kind, rows[a:b]))
+    out.sort(key=lambda m: m[:4])
+    return [(stage, k, kind, peer, rows) for stage, k, _, peer, kind, rows in out]
 
 
 def commit(weights: ExpertWeights, staged: StagedUpdate) -> None:
@@ -441,23 +477,36 @@ def commit(weights: ExpertWeights, staged: StagedUpdate) -> None:
         torch.cuda.synchronize(w13.device)
 
 
-def warm_up(weights: ExpertWeights) -> None:
-    """Run once, on copies of slot (0, 0), every kernel a transfer uses: pack, fetch, fingerprint, commit.
+class _Loopback:
+    """A transport from a rank to itself: each round's k-th send lands in its k-th receive (warm-up only)."""
 
-    CUDA loads kernels lazily, tens of ms on their first launch; a worker calls this at
-    start so none of that lands on a recovery's critical path. The weights end as they were.
+    def execute_rounds(self, rounds, timeout_s: float) -> None:
+        for ops in rounds:
+            sends = [tensor for kind, tensor, _ in ops if kind == "send"]
+            recvs = [tensor for kind, tensor, _ in ops if kind == "recv"]
+            for src, dst in zip(sends, recvs):
+                dst.copy_(src)
+
+
+def warm_up(weights: ExpertWeights) -> None:
+    """Run a whole tiny transfer once, rank to itself, moving copies of slot (0, 0) back into it.
+
+    Every step a real transfer takes runs once: packing (more than 16 rows, where torch
+    switches gather kernels), receive buffers, a storage read and a relayed one, a copy,
+    fingerprints and commit. CUDA loads kernels lazily, tens of ms on their first launch, and
+    some numpy and Python paths cost as much on first use; a worker calls this at start so
+    none of that lands on a recovery's critical path. The weights end as they were.
     """
-    n13 = int(weights.w13[0, 0].numel())
-    shape13, shape2 = tuple(weights.w13.shape[2:]), tuple(weights.w2.shape[2:])
     expert = int(weights.experts[0, 0])
     host = (weights.w13[0, 0].cpu(), weights.w2[0, 0].cpu())
-    fetcher = _Fetcher(np.array([[0, expert, -1, 0]], dtype=np.int64), lambda keys: {(0, expert): host}, weights, {})
-    fetcher.start()
-    staged = StagedUpdate(epoch=-1, n13=n13)
-    # 17 rows of one slot: torch gathers more than 16 rows with another kernel; all but one are superseded
-    many = np.tile(np.array([[0, 0, expert]], dtype=np.int64), (17, 1))
-    staged.add_batch(_pack(weights, many[:, 0], many[:, 1], n13), many, shape13, shape2)
-    flat, rows, sums = fetcher.join(60.0)
-    staged.add_batch(flat, rows, shape13, shape2, sums)
+    row = np.array([[0, expert, 0, 0, 0, 0, 0]], dtype=np.int64)  # layer 0, slot 0 -> rank 0, slot 0
+    relay = row.copy()
+    relay[:, SRC_SLOT] = -1
+    part = RankPlan(
+        rank=0, sends=np.repeat(row, 17, axis=0), recvs=np.repeat(row, 17, axis=0),
+        copies=np.array([[0, 0, 0, 0, 0]], dtype=np.int64), fetches=np.array([[0, expert, 0, 0]], dtype=np.int64),
+        keeps=0, relay_sends=relay, relay_recvs=relay,
+    )
+    staged = execute_rank_plan(part, weights, -1, _Loopback(), {0: 0}, lambda keys: {k: host for k in keys}, 60.0)
     staged.fingerprints()
     commit(weights, staged)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from elastic_ep.executor import ExpertWeights, StagedUpdate, _halves, _pack, _wide, commit, warm_up
+from elastic_ep.executor import ExpertWeights, StagedUpdate, _halves, _pack, _row_index, _wide, commit, warm_up
 
 # (hidden, intermediate): a row size divisible by 8 bytes, and one that is not even 4-byte aligned in w2
 GEOMETRIES = [(8, 4), (3, 5)]
@@ -55,7 +55,7 @@ def test_pack_gathers_each_expert_into_the_two_halves(hidden, inter):
     w = _weights(3, 4, hidden, inter)
     layers, slots = np.array([2, 0, 1, 2]), np.array([3, 1, 0, 0])
     n13 = 2 * inter * hidden
-    flat = _pack(w, layers, slots, n13)
+    flat = _pack(w, _row_index(w, layers, slots), n13)
     a13, a2 = _halves(flat, len(layers), n13)
     for i, (layer, slot) in enumerate(zip(layers, slots)):
         assert torch.equal(a13[i], w.w13[layer, slot].reshape(-1))
@@ -70,7 +70,7 @@ def test_commit_writes_current_rows_of_batches_and_loose_slots(hidden, inter):
     shape13, shape2 = tuple(live.w13.shape[2:]), tuple(live.w2.shape[2:])
     staged = StagedUpdate(epoch=1, n13=n13)
     # batch of three experts into (layer, slot) (0,1), (1,2), (1,0)
-    staged.add_batch(_pack(src, np.array([1, 0, 0]), np.array([1, 2, 0]), n13),
+    staged.add_batch(_pack(src, _row_index(src, np.array([1, 0, 0]), np.array([1, 2, 0])), n13),
                      np.array([[0, 1, 50], [1, 2, 51], [1, 0, 52]]), shape13, shape2)
     # a later loose copy supersedes the batch's (1, 2): the batch row must not be committed over it
     staged.slots[(1, 2)] = (src.w13[0, 0].clone(), src.w2[0, 0].clone(), 53)
