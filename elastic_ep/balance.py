@@ -57,6 +57,17 @@ def validate_load(load: np.ndarray, num_layers: int, num_experts: int) -> np.nda
     return arr
 
 
+def _power_of_two_scaled(load: np.ndarray) -> np.ndarray:
+    """Each layer's load times a power of two that brings its largest value into [0.5, 1).
+
+    Placement depends only on ratios within a layer, and scaling by a power of two is exact,
+    so every decision is the same as on the raw load; but sums of loads near the float
+    maximum can no longer overflow, nor tiny ones underflow. load: [L, E], non-negative.
+    """
+    _, exponent = np.frexp(load.max(axis=1, initial=0.0))
+    return np.ldexp(load, -exponent[:, None])
+
+
 # ---------------------------------------------------------------------------------------
 # The engine: batched problems of "n experts onto R ranks of S slots".
 # ---------------------------------------------------------------------------------------
@@ -953,7 +964,7 @@ class BalancePolicy(ABC):
         num_layers, num_experts = np.asarray(req.load).shape if np.ndim(req.load) == 2 else (None, None)
         if num_layers is None:
             raise LoadStatsError(f"load must be [num_layers, num_experts], got shape {np.shape(req.load)}")
-        load = validate_load(req.load, num_layers, num_experts)
+        load = _power_of_two_scaled(validate_load(req.load, num_layers, num_experts))
         ranks = tuple(int(r) for r in req.ranks)
         spr = int(req.slots_per_rank)
         if not ranks:

@@ -807,3 +807,23 @@ def test_replicate_property(weight, max_replicas, data):
                 if cnt[b, j] > 1 and cnt[b, i] < max_replicas and i != j:
                     # j's last replica was worth at least what i's next one would be
                     assert weight[b, j] / (cnt[b, j] - 1) >= weight[b, i] / cnt[b, i] - 1e-9 * (1 + weight[b].max())
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_loads_near_the_float_limits_place_like_the_same_loads_rescaled(policy):
+    """Sums of loads near the float maximum must not overflow (nor tiny ones underflow):
+    a layout depends only on ratios within a layer, so scaling by a power of two changes nothing."""
+    rng = np.random.default_rng(7)
+    base = rng.pareto(1.2, (L, E)) + 0.01
+    huge = base / base.max() * np.finfo(np.float64).max  # sums of a few of these overflow
+    kwargs = dict(rank_nodes=NODES, num_groups=GROUPS, policy=policy)
+    flat = np.full((L, E), np.finfo(np.float64).max)  # every expert at the maximum: all ties
+    cases = ((huge, huge * 2.0**-1000), (flat, np.ones((L, E))), (base * 2.0**-1060, base), (base * 2.0**600, base))
+    for load, same in cases:
+        start = rebalance_experts(load, RANKS, S, **kwargs)
+        assert np.array_equal(start.phy2log, rebalance_experts(same, RANKS, S, **kwargs).phy2log)
+        drifted = load * 2.0**-3
+        drifted[:, 0] = load[:, -1]  # a shift in load, at the same extreme scale
+        again = rebalance_experts(drifted, RANKS, S, old=start, **kwargs)
+        again.validate()
+        assert (again.logcnt >= 1).all()
