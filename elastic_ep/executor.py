@@ -212,7 +212,7 @@ def execute_rank_plan(
         relayer.start()
 
     # Point-to-point, packed per (stage, peer): one round per (stage, message index), so the
-    # next round's sends are packed on the GPU while this round's move.
+    # next round's sends are packed on the GPU while this round moves.
     recv_batches: list[tuple[torch.Tensor, np.ndarray]] = []
     clock = {"pack": 0.0, "alloc": 0.0}  # CPU seconds packing rounds, and allocating their buffers
     messages = _messages(part, per_message)
