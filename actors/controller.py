@@ -888,7 +888,7 @@ class Controller:
                 w: self.handles[w].form_group.remote(name, len(wids), i, host, port, self.cfg.transfer_timeout_s)
                 for i, w in enumerate(wids)
             }
-            self._get_all(refs, self.cfg.transfer_timeout_s + self.cfg.call_timeout_s, f"form_group {name}")
+            self._await_formation(name, refs, self.cfg.transfer_timeout_s + self.cfg.call_timeout_s)
             formed[name] = wids
         if exactly is None:
             keep = list(formed)
@@ -898,6 +898,27 @@ class Controller:
         else:
             self.groups.update(formed)
         return _now() - t0
+
+    def _await_formation(self, name: str, refs: dict, timeout_s: float) -> None:
+        """Wait for every member's ``form_group``; raise TransferError if any failed.
+
+        At the first failure (typically a member that died before joining) the formation is
+        abandoned in the store, so the members still waiting for it give up within ms
+        instead of waiting out the transfer timeout; the caller then re-plans.
+        """
+        deadline = _now() + timeout_s
+        pending = {ref: wid for wid, ref in refs.items()}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.01, deadline - _now()))
+            if not ready:
+                break  # past the deadline: _get_all below names who
+            wid = pending.pop(ready[0])
+            try:
+                ray.get(ready[0], timeout=max(0.01, deadline - _now()))
+            except RayError as exc:
+                self.store.abandon(name, f"worker {wid} failed to join: {type(exc).__name__}")
+                break
+        self._get_all(refs, max(0.01, deadline - _now()), f"form_group {name}")
 
     def _group_for(self, wids: set[str]) -> Optional[str]:
         """A formed group holding every worker in ``wids``, if any."""

@@ -33,6 +33,10 @@ class TransferTimeoutError(TransferError, TimeoutError):
     """A transfer did not finish within its deadline; its communicator was aborted."""
 
 
+class FormationAbandoned(TransferError):
+    """A group's formation was called off (a member died before joining): re-plan and form a new one."""
+
+
 class PeerDiedError(TransferError):
     """A peer of a transfer died mid-flight."""
 

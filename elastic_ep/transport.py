@@ -87,7 +87,7 @@ from ray.util.collective import types as ray_types
 from ray.util.collective.backend_registry import BackendRegistry, register_collective_backend
 from ray.util.collective.collective_group.base_collective_group import BaseGroup
 
-from .errors import PeerDiedError, TransferError, TransferTimeoutError
+from .errors import FormationAbandoned, PeerDiedError, TransferError, TransferTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ _P2P_TAG = 0  # one tag for every point-to-point op: matching is by per-pair ord
 _NCCL_SPIN_S = 0.002  # poll a posted NCCL round without sleeping for this long (small transfers)...
 _NCCL_POLL_S = 0.0005  # ...then sleep this long between polls
 _ABORT_POLL_S = 0.05  # how often a gloo exchange checks whether another thread aborted the group
+_JOIN_POLL_S = 0.005  # how often a rank waiting for a group's members checks them (and whether it was abandoned)
+_ABANDON_KEY = "eep/abandoned"  # set (under the group's prefix) by StoreServer.abandon
 _JOIN_SLACK_S = 0.5  # grace past a deadline for helper threads to report before we give up on them
 _DISPOSE_WAIT_S = 1.0  # destroy_group waits at most this long for a process group to be released
 _NCCL_WATCHDOG_SLACK_S = 30.0  # torch's NCCL watchdog fires this long after the group timeout (backstop)
@@ -206,6 +208,12 @@ class StoreServer:
     @property
     def address(self) -> tuple[str, int]:
         return self.host, self.port
+
+    def abandon(self, group_name: str, reason: str) -> None:
+        """Release the ranks still waiting to form ``group_name``: they raise ``FormationAbandoned``
+        within ms instead of waiting out their timeout (e.g. a member died before joining)."""
+        if self._store is not None:  # the same prefix the group's ranks see (EpochP2PGroup._connect_store)
+            dist.PrefixStore(group_name + "/", self._store).set(_ABANDON_KEY, reason[:500])
 
     def close(self) -> None:
         """Stop serving. Groups already formed keep working; new ones cannot form."""
@@ -463,18 +471,26 @@ class EpochP2PGroup(BaseGroup):
             store.set(keys[self.rank], str(os.getpid()))
         except (RuntimeError, dist.DistError) as exc:
             raise TransferError(f"group {self.group_name!r} rank {self.rank}: store unusable: {_short(exc)}") from exc
-        remaining = max(deadline - time.monotonic(), 0.001)
+        # Polled rather than one blocking wait: a wait that times out leaves the store client
+        # unusable, and polling lets an abandoned formation release us at once.
         try:
-            store.wait(keys, timedelta(seconds=remaining))
+            while not store.check(keys):
+                if store.check([_ABANDON_KEY]):
+                    reason = store.get(_ABANDON_KEY).decode(errors="replace")
+                    missing = [r for r, key in enumerate(keys) if not store.check([key])]
+                    raise FormationAbandoned(
+                        f"group {self.group_name!r} rank {self.rank}: formation abandoned ({reason}); "
+                        f"ranks {missing} had not joined"
+                    )
+                if time.monotonic() >= deadline:
+                    missing = [r for r, key in enumerate(keys) if not store.check([key])]
+                    raise TransferTimeoutError(
+                        f"group {self.group_name!r} rank {self.rank}: ranks {missing} of {self.world_size} did not "
+                        f"join within {self._config.timeout_s:.1f} s"
+                    )
+                time.sleep(_JOIN_POLL_S)
         except (RuntimeError, dist.DistError) as exc:
-            try:
-                missing = [r for r, key in enumerate(keys) if not store.check([key])]
-            except (RuntimeError, dist.DistError):
-                missing = "unknown (store unreachable)"
-            raise TransferTimeoutError(
-                f"group {self.group_name!r} rank {self.rank}: ranks {missing} of {self.world_size} did not "
-                f"join within {self._config.timeout_s:.1f} s"
-            ) from exc
+            raise TransferError(f"group {self.group_name!r} rank {self.rank}: store unusable: {_short(exc)}") from exc
 
     @abstractmethod
     def _create_process_group(self, store, deadline: float):

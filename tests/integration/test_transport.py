@@ -72,6 +72,9 @@ class StoreHost:
     def address(self) -> tuple[str, int]:
         return self.server.address
 
+    def abandon(self, group_name: str, reason: str) -> None:
+        self.server.abandon(group_name, reason)
+
 
 class Peer:
     """A stand-in worker: forms epoch groups and moves identity-coded tensors (on CPU, or on its GPU)."""
@@ -251,7 +254,7 @@ def cluster(ray_session):
     actors = [ray.remote(num_cpus=0)(Peer).remote() for _ in range(7)]
     address = ray.get(host.address.remote(), timeout=START_TIMEOUT_S)
     ray.get([a.ping.remote() for a in actors], timeout=START_TIMEOUT_S)
-    yield address, actors[:4], actors[4:]
+    yield address, actors[:4], actors[4:], host
     for actor in [host, *actors]:
         ray.kill(actor)
 
@@ -264,6 +267,11 @@ def store(cluster):
 @pytest.fixture(scope="module")
 def peers(cluster):
     return cluster[1]
+
+
+@pytest.fixture(scope="module")
+def store_host(cluster):
+    return cluster[3]  # the StoreServer's holder, as the controller is
 
 
 @pytest.fixture(scope="module")
@@ -451,6 +459,23 @@ def test_member_that_never_joins(peers, store):
         assert report["is_transfer_error"] and report["is_timeout"], report
         assert "[2]" in report["message"], report
         assert report["elapsed_s"] < timeout_s + SLACK_S, report
+    assert ray.get(peers[0].ping.remote(), timeout=5) == "pong"
+
+
+@pytest.mark.timeout(60, func_only=True)
+def test_abandoned_formation_releases_the_waiting_ranks(peers, store, store_host):
+    """The controller calls a formation off (a member died before joining): the members
+    already waiting raise FormationAbandoned with the reason instead of waiting out their timeout."""
+    timeout_s = 30.0
+    name = fresh_name()
+    refs = [peers[r].try_form.remote(name, 3, r, store, timeout_s) for r in range(2)]  # rank 2 never comes
+    time.sleep(0.3)  # let both ranks reach their wait (abandoning earlier releases them the same way)
+    ray.get(store_host.abandon.remote(name, "worker w9 failed to join: RayActorError"), timeout=10)
+    reports = ray.get(refs, timeout=20)
+    for report in reports:
+        assert report["error"] == "FormationAbandoned" and report["is_transfer_error"], report
+        assert "w9 failed to join" in report["message"] and "[2]" in report["message"], report
+        assert report["elapsed_s"] < timeout_s, report  # released, not timed out
     assert ray.get(peers[0].ping.remote(), timeout=5) == "pong"
 
 
