@@ -473,19 +473,20 @@ class EpochP2PGroup(BaseGroup):
             raise TransferError(f"group {self.group_name!r} rank {self.rank}: store unusable: {_short(exc)}") from exc
         # Polled rather than one blocking wait: a wait that times out leaves the store client
         # unusable, and polling lets an abandoned formation release us at once.
+        def missing() -> list[int]:
+            return [r for r, key in enumerate(keys) if not store.check([key])]
+
         try:
             while not store.check(keys):
                 if store.check([_ABANDON_KEY]):
                     reason = store.get(_ABANDON_KEY).decode(errors="replace")
-                    missing = [r for r, key in enumerate(keys) if not store.check([key])]
                     raise FormationAbandoned(
                         f"group {self.group_name!r} rank {self.rank}: formation abandoned ({reason}); "
-                        f"ranks {missing} had not joined"
+                        f"ranks {missing()} had not joined"
                     )
                 if time.monotonic() >= deadline:
-                    missing = [r for r, key in enumerate(keys) if not store.check([key])]
                     raise TransferTimeoutError(
-                        f"group {self.group_name!r} rank {self.rank}: ranks {missing} of {self.world_size} did not "
+                        f"group {self.group_name!r} rank {self.rank}: ranks {missing()} of {self.world_size} did not "
                         f"join within {self._config.timeout_s:.1f} s"
                     )
                 time.sleep(_JOIN_POLL_S)
