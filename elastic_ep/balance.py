@@ -839,8 +839,16 @@ def solve(
         x_rows = np.where(twin >= 0, twin, rows + np.cumsum(twin < 0) - 1)  # extra row -> fresh row
         return fresh[:rows], fresh[x_rows], fresh_max[:rows], fresh_max[x_rows]
     cnt = cnt_all[:rows]
-    wrep = weight / cnt
-    items = _sorted_experts(cnt, wrep)
+    if own is not None and len(own):
+        # Sort the sticky rows and eplb's own rows in one call; split the result after.
+        wrep_all = both / cnt_all
+        items_all = _sorted_experts(cnt_all, wrep_all)
+        wrep = wrep_all[:rows]
+        items = tuple(x[:rows] for x in items_all)
+    else:
+        wrep = weight / cnt
+        items = _sorted_experts(cnt, wrep)
+        wrep_all, items_all = wrep, items
     # A lower bound on any packing's max rank load: within tolerance of it is within
     # tolerance of eplb too, so eplb itself is only computed where the bound is missed.
     lower = np.maximum(weight.sum(axis=1) / num_ranks, wrep.max(axis=1))
@@ -851,13 +859,7 @@ def solve(
     else:
         # The extra problems need an LPT loop over every slot anyway: run the sticky
         # packing and eplb's packing of every row (the references) in that same loop.
-        f_exp, f_w, f_wrep = items[0], items[1], wrep
-        if len(own):
-            own_cnt = cnt_all[rows:]
-            own_wrep = own / own_cnt
-            own_exp, own_w, _ = _sorted_experts(own_cnt, own_wrep)
-            f_exp, f_w = np.concatenate([f_exp, own_exp]), np.concatenate([f_w, own_w])
-            f_wrep = np.concatenate([wrep, own_wrep])
+        f_exp, f_w, f_wrep = items_all[0], items_all[1], wrep_all
         kept = _Kept.prepare(cnt, wrep, items, old, num_ranks, spr)
         placed, stuck, rank, pos, f_stuck = _lpt_joint(kept, f_exp, f_w, spr)
         fresh = _fresh_slots(f_exp, rank, pos, f_stuck, f_wrep, num_ranks, spr)
