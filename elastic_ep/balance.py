@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import numpy as np
@@ -908,6 +909,17 @@ def solve(
     return result()
 
 
+@lru_cache(maxsize=16)
+def _hash_weights(width: int) -> np.ndarray:
+    """A fixed random projection of rows of ``width`` values: a hash, not randomness.
+
+    Cached: creating a generator costs more than the projection it is used for.
+    """
+    mix = np.random.default_rng(0).random(width)
+    mix.setflags(write=False)
+    return mix
+
+
 def _same_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """For each row of a [A, n], the index of a row of b [B, n] with the same values, or -1.
 
@@ -919,7 +931,7 @@ def _same_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     out = np.full(len(a), -1, dtype=np.int64)
     if not len(a) or not len(b):
         return out
-    mix = np.random.default_rng(0).random(a.shape[1])  # fixed: a hash, not randomness
+    mix = _hash_weights(a.shape[1])
     ha, hb = a @ mix, b @ mix
     order = np.argsort(hb, kind="stable")
     at = np.minimum(np.searchsorted(hb[order], ha), len(b) - 1)

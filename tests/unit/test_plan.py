@@ -22,6 +22,7 @@ from elastic_ep.plan import (
     apply_plan,
     plan_transfers,
 )
+from elastic_ep.plan import _MAX_MASK_RANKS, _choose_sources, _choose_sources_bits
 
 # ---------------------------------------------------------------------------
 # Helpers: an independent executor, the plan invariants, a blocking send/recv model
@@ -551,6 +552,45 @@ def test_sources_balance_within_one_chunk():
     plan = plan_transfers(old, new, range(8))
     assert sum(plan.bytes_sent.values()) == 8
     assert max(plan.bytes_sent.values()) == 1, plan.bytes_sent
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    num_src=st.integers(1, _MAX_MASK_RANKS),
+    num=st.integers(0, 60),
+    num_nodes=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_bitmask_source_choice_equals_the_array_rule(num_src, num, num_nodes, seed):
+    # Up to _MAX_MASK_RANKS old ranks, plan_transfers picks sources on bit masks; past
+    # that, on a [N, R] bool array. Both must choose exactly the same holders.
+    rng = np.random.default_rng(seed)
+    held = rng.random((num, num_src)) < rng.uniform(0.05, 0.9)
+    held[np.arange(num), rng.integers(0, num_src, num)] = True  # every receive has a holder
+    bits = (held.astype(np.uint64) << np.arange(num_src, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+    src_nodes = rng.integers(0, num_nodes, num_src)
+    dst_node = rng.integers(0, num_nodes, num)
+    layers, experts = rng.integers(0, 3, num), rng.integers(0, 8, num)
+    by_bits = _choose_sources_bits(bits, dst_node, src_nodes, layers, experts)
+    by_array = _choose_sources(held, dst_node, src_nodes, 1, layers, experts)
+    assert by_bits.tolist() == by_array.tolist()
+    assert held[np.arange(num), by_array].all()  # every pick holds the expert
+
+
+def test_plan_over_more_ranks_than_a_mask_holds():
+    # 60 old ranks: sources are chosen on the array path; the plan still reaches the new layout.
+    num_ranks, spr, num_experts = _MAX_MASK_RANKS + 8, 2, 40
+    ranks = list(range(num_ranks))
+    nodes = [r // 15 for r in ranks]
+    rng = np.random.default_rng(3)
+    load = rng.zipf(1.5, (2, num_experts)).astype(np.float64)
+    old = rebalance_experts(load, ranks, spr, rank_nodes=nodes, policy="eplb")
+    live = ranks[:-3]  # three ranks die; replacements take their ids
+    new = rebalance_experts(load[::-1].copy(), ranks, spr, rank_nodes=nodes, old=old, live_ranks=live)
+    plan = plan_transfers(old, new, live, expert_bytes=7)
+    assert len(plan.transfers) > 0
+    assert_reaches_new(plan, old, new, live)
+    check_invariants(plan, old, new, live, [r for r in ranks if r not in live])
 
 
 # ---------------------------------------------------------------------------
