@@ -242,11 +242,15 @@ def _lpt(
     first_full = spr - 1 - int(count.max())  # no rank can fill up before this item
     fills = np.zeros(spr + 1)
     fills[spr - 1] = inf  # added to a rank's key when its last slot is taken
+    # Every step writes its choices straight into row j of out_rank / out_pos and tests for
+    # trapped rows with one reduction: a step is a handful of numpy calls, so each one counts.
+    largest = np.maximum.reduce
     for j in range(width):
         a = active[j]
         if not a:
             break
         k = key[:a]
+        rank = out_rank[j, :a]
         block = None
         if constrained[j]:
             # Ranks holding the expert: kept replicas, and earlier replicas of its run
@@ -254,29 +258,31 @@ def _lpt(
             block = cur[:a] & cont[j, :a, None]
             if held is not None and a > held_from:
                 block[held_from:] |= held[j, : a - held_from]
-            masked = k.copy()
-            np.putmask(masked, block, inf)
-            rank = masked.argmin(axis=1)
+            masked = np.where(block, inf, k)
+            masked.argmin(axis=1, out=rank)
             flat = row_base[:a] + rank
             if finite:
-                stuck = masked.ravel()[flat] == inf
+                chosen = masked.ravel()[flat]
+                trapped = largest(chosen) == inf
             else:
                 stuck = block.ravel()[flat] | (cf[flat] >= spr)
-            if stuck.any():
+                trapped = stuck.any()
+            if trapped:
+                if finite:
+                    stuck = chosen == inf
                 stuck_rows[:a] |= stuck
-                rank = np.where(stuck, k.argmin(axis=1), rank)
+                rank[...] = np.where(stuck, k.argmin(axis=1), rank)
                 flat = row_base[:a] + rank
         else:
-            rank = k.argmin(axis=1)
+            k.argmin(axis=1, out=rank)
             flat = row_base[:a] + rank
-        c = cf[flat]
+        c = out_pos[j, :a]
+        cf.take(flat, out=c)
         cf[flat] = c + 1
         if j < first_full:
             kf[flat] += weights_t[j, :a]
         else:  # a rank that is now full takes no more
             kf[flat] = kf[flat] + weights_t[j, :a] + fills[c]
-        out_rank[j, :a] = rank
-        out_pos[j, :a] = c
         if follow[j]:
             cur = np.zeros((a, num_ranks), dtype=bool) if block is None else block
             cur.ravel()[flat] = True
