@@ -178,9 +178,22 @@ def _stable_argsort(keys: np.ndarray) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
+def _runs(experts: np.ndarray) -> np.ndarray:
+    """Item-major run flags of items experts [B, k] (-1: padding): cont [k, B] bool.
+
+    cont[j, b]: item j of row b continues item j-1's expert, so the ranks that item's
+    run was given are ruled out for it.
+    """
+    batch, width = experts.shape
+    cont = np.zeros((width, batch), dtype=bool)
+    cont[1:] = ((experts[:, 1:] == experts[:, :-1]) & (experts[:, 1:] >= 0)).T
+    return cont
+
+
 def _lpt(
-    experts: np.ndarray,
-    weights: np.ndarray,
+    cont: np.ndarray,
+    nvalid: np.ndarray,
+    weights_t: np.ndarray,
     key: np.ndarray,
     count: np.ndarray,
     held: Optional[np.ndarray],
@@ -189,42 +202,33 @@ def _lpt(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Longest-processing-time packing onto partly filled ranks.
 
-    experts, weights: [B, k] heaviest first, replicas of one expert adjacent, -1 experts as
-    padding at the end of a row. key: [B, R] rank load where the rank has room, +inf where
-    it is full. count: [B, R] filled slots. held: [k, B - held_from, R] (item-major) whether
-    a rank holds the item's expert before packing (kept replicas; False for padding), for
-    rows ``held_from`` on (none before), or None for none. Inputs are not modified.
-    Each item goes to the least loaded rank with room that lacks the expert; a rank
-    that would hold it twice is taken only when nothing else has room (repaired later).
-    Returns rank position [B, k] and slot index [B, k] (the rank's fill count on arrival;
-    -1 for padding), and which rows gave a rank an expert twice: [B] bool.
+    Items come item-major: weights_t [k, B] (contiguous) heaviest first per row, replicas
+    of one expert adjacent; cont [k, B] their run flags (``_runs``); nvalid [B] items per
+    row, the rest padding, non-increasing (rows longest first). key: [B, R] rank load where
+    the rank has room, +inf where it is full. count: [B, R] filled slots. held: [k,
+    B - held_from, R] whether a rank holds the item's expert before packing (kept
+    replicas; False for padding), for rows ``held_from`` on (none before), or None for none.
+    Inputs are not modified. Each item goes to the least loaded rank with room that lacks
+    the expert; a rank that would hold it twice is taken only when nothing else has room
+    (repaired later). Returns rank position [B, k] and slot index [B, k] (the rank's fill
+    count on arrival; -1 for padding) as small ints, and which rows gave a rank an expert
+    twice: [B] bool.
 
-    Rows are processed longest first, so each step works on a prefix of the rows that
-    still have items; an item only needs masking when its rank choice is constrained.
+    Each step works on the prefix of rows that still have items; an item only needs
+    masking when its rank choice is constrained. Arrays are item-major and outputs small
+    ints so that a call allocates little: fresh pages cost more here than the arithmetic.
     """
-    batch, width = experts.shape
+    width, batch = weights_t.shape
     num_ranks = key.shape[1]
-    out_rank = np.full((width, batch), _EMPTY, dtype=np.int64)  # item-major while packing
-    out_pos = np.full((width, batch), _EMPTY, dtype=np.int64)
+    small = np.int16 if max(num_ranks, spr) < np.iinfo(np.int16).max else np.int64
+    out_rank = np.full((width, batch), _EMPTY, dtype=small)  # item-major while packing
+    out_pos = np.full((width, batch), _EMPTY, dtype=small)
     stuck_rows = np.zeros(batch, dtype=bool)
     if not width or not batch:
         return out_rank.T, out_pos.T, stuck_rows
-    valid = experts >= 0
-    nvalid = valid.sum(axis=1)
-    perm = None
-    if bool((nvalid[1:] > nvalid[:-1]).any()):  # not yet longest first
-        assert not held_from, "rows with kept replicas must come longest first"
-        perm = np.argsort(-nvalid, kind="stable")
-        experts, weights, valid, nvalid = experts[perm], weights[perm], valid[perm], nvalid[perm]
-        key, count = key[perm], count[perm]
-        held = held[:, perm] if held is not None else None
-    else:
-        key, count = key.copy(), count.copy()
-    # Item-major copies, so that item j of every row is one contiguous slice.
-    weights_t = np.ascontiguousarray(weights.T)  # [k, B]
-    # cont[j, b]: item j continues item j-1's expert (so the ranks given to the run are taken).
-    cont = np.zeros((width, batch), dtype=bool)
-    cont[1:] = ((experts[:, 1:] == experts[:, :-1]) & valid[:, 1:]).T
+    if bool((nvalid[1:] > nvalid[:-1]).any()):
+        raise AssertionError("LPT rows must come longest first")
+    key, count = key.copy(), count.copy()
     constrained = cont.any(axis=1)
     if held is not None:  # (held is False for padding)
         constrained |= held.reshape(width, -1).any(axis=1)
@@ -242,6 +246,7 @@ def _lpt(
     first_full = spr - 1 - int(count.max())  # no rank can fill up before this item
     fills = np.zeros(spr + 1)
     fills[spr - 1] = inf  # added to a rank's key when its last slot is taken
+    rank_buf = np.empty(batch, dtype=np.intp)
     # Every step writes its choices straight into row j of out_rank / out_pos and tests for
     # trapped rows with one reduction: a step is a handful of numpy calls, so each one counts.
     largest = np.maximum.reduce
@@ -250,7 +255,7 @@ def _lpt(
         if not a:
             break
         k = key[:a]
-        rank = out_rank[j, :a]
+        rank = rank_buf[:a]
         block = None
         if constrained[j]:
             # Ranks holding the expert: kept replicas, and earlier replicas of its run
@@ -276,8 +281,9 @@ def _lpt(
         else:
             k.argmin(axis=1, out=rank)
             flat = row_base[:a] + rank
-        c = out_pos[j, :a]
-        cf.take(flat, out=c)
+        out_rank[j, :a] = rank
+        c = cf[flat]
+        out_pos[j, :a] = c
         cf[flat] = c + 1
         if j < first_full:
             kf[flat] += weights_t[j, :a]
@@ -286,12 +292,7 @@ def _lpt(
         if follow[j]:
             cur = np.zeros((a, num_ranks), dtype=bool) if block is None else block
             cur.ravel()[flat] = True
-    out_rank, out_pos = out_rank.T, out_pos.T
-    if perm is not None:
-        inv = np.empty_like(perm)
-        inv[perm] = np.arange(batch)
-        out_rank, out_pos, stuck_rows = out_rank[inv], out_pos[inv], stuck_rows[inv]
-    return out_rank, out_pos, stuck_rows
+    return out_rank.T, out_pos.T, stuck_rows
 
 
 def _arrange(experts: np.ndarray, ranks: np.ndarray, old: Optional[np.ndarray], spr: int) -> np.ndarray:
@@ -441,7 +442,8 @@ def _pack_fresh(experts: np.ndarray, weights: np.ndarray, wrep: np.ndarray, num_
     batch = experts.shape[0]
     key = np.zeros((batch, num_ranks))
     count = np.zeros((batch, num_ranks), dtype=np.int64)
-    rank, pos, stuck = _lpt(experts, weights, key, count, None, spr)
+    nvalid = np.full(batch, experts.shape[1])  # every row holds every slot's replica
+    rank, pos, stuck = _lpt(_runs(experts), nvalid, np.ascontiguousarray(weights.T), key, count, None, spr)
     return _fresh_slots(experts, rank, pos, stuck, wrep, num_ranks, spr)
 
 
@@ -453,7 +455,7 @@ def _fresh_slots(
     if width and int(pos.max()) >= spr:
         raise AssertionError("packing left a rank with too many or too few experts")
     slots = np.empty(batch * width, dtype=np.int64)
-    slots[(np.arange(batch) * width)[:, None] + rank * spr + pos] = experts
+    slots[(np.arange(batch) * width)[:, None] + rank.astype(np.int64) * spr + pos] = experts
     slots = slots.reshape(batch, num_ranks, spr)
     _repair_rows(slots, wrep, stuck)
     return slots
@@ -577,18 +579,21 @@ def _lpt_joint(kept: _Kept, experts: np.ndarray, weights: np.ndarray, spr: int):
     ones by how many replicas move), so ``_lpt`` needs no reordering. Returns placed [B1, m]
     and stuck [B1] for kept, then rank, pos [B2, R * S] and stuck [B2] for the fresh ones.
     """
-    fresh, width = experts.shape
+    fresh, fresh_width = experts.shape
     batch, m = kept.moving.shape
-    width = max(width, m)
+    width = max(fresh_width, m)
     num_ranks = kept.key.shape[1]
-    order = np.argsort(-(kept.moving >= 0).sum(axis=1), kind="stable")
+    moving_count = (kept.moving >= 0).sum(axis=1)
+    order = np.argsort(-moving_count, kind="stable")
     total = fresh + batch
-    all_experts = np.full((total, width), _EMPTY, dtype=np.int64)
-    all_experts[:fresh] = experts
-    all_experts[fresh:, :m] = kept.moving[order]
-    all_weights = np.zeros((total, width))
-    all_weights[:fresh] = weights
-    all_weights[fresh:, :m] = kept.moving_w[order]
+    # Item-major from the start (fresh rows, then sticky ones), as _lpt takes them.
+    weights_t = np.zeros((width, total))
+    weights_t[:fresh_width, :fresh] = weights.T
+    weights_t[:m, fresh:] = kept.moving_w[order].T
+    cont = np.zeros((width, total), dtype=bool)
+    cont[:fresh_width, :fresh] = _runs(experts)
+    cont[:m, fresh:] = _runs(kept.moving[order])
+    nvalid = np.concatenate([(experts >= 0).sum(axis=1), moving_count[order]])
     key = np.zeros((total, num_ranks))
     key[fresh:] = kept.key[order]
     count = np.zeros((total, num_ranks), dtype=np.int64)
@@ -597,7 +602,7 @@ def _lpt_joint(kept: _Kept, experts: np.ndarray, weights: np.ndarray, spr: int):
     where[order] = np.arange(batch)  # sticky row -> its row among the sticky ones
     held = np.zeros((width, batch, num_ranks), dtype=bool)  # item-major, as _lpt takes it
     held[kept.slot_of, where[kept.rows]] = kept.held
-    rank, pos, stuck = _lpt(all_experts, all_weights, key, count, held, spr, held_from=fresh)
+    rank, pos, stuck = _lpt(cont, nvalid, weights_t, key, count, held, spr, held_from=fresh)
     placed = rank[fresh:, :m][where]
     return placed, stuck[fresh:][where], rank[:fresh], pos[:fresh], stuck[:fresh]
 
