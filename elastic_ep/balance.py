@@ -162,8 +162,9 @@ def _argsort_desc(values: np.ndarray) -> np.ndarray:
     key = -(values + 0.0).view(np.int64)  # + 0.0 turns -0.0 into 0.0
     order = np.argsort(key, axis=1)
     srt = _gather_rows(key, order)
-    tied = (srt[:, 1:] == srt[:, :-1]).any(axis=1)
-    if tied.any():
+    same = srt[:, 1:] == srt[:, :-1]
+    if same.any():  # rarely: find the rows with ties only then
+        tied = same.any(axis=1)
         order[tied] = np.argsort(key[tied], axis=1, kind="stable")
     return order
 
@@ -1029,15 +1030,15 @@ class BalancePolicy(ABC):
     def _within_tolerance(self, load, phy2log, old_slots, nodes, req, spr, ref, got, ref_max) -> np.ndarray:
         """Per layer, keep the sticky hierarchical placement only if its max rank load is within
         tolerance of eplb's; otherwise take eplb's, ranks relabelled to the old layout (within
-        nodes). ref: eplb's phy2log [L, P]; got, ref_max: max rank load per layer [L] of the
-        sticky placement and of eplb's."""
+        nodes). ref: eplb's phy2log of the layers asked for (bool [L] -> [W, P]); got, ref_max:
+        max rank load per layer [L] of the sticky placement and of eplb's."""
         num_ranks = len(nodes)
         lower = load.sum(axis=1) / num_ranks
         worse = (got > lower * (1 + req.tolerance)) & (got > ref_max * (1 + req.tolerance))
         if not worse.any():
             return phy2log
         fixed = relabel_to_old(
-            ref[worse].reshape(-1, num_ranks, spr), old_slots[worse], groups=np.asarray(nodes)
+            ref(worse).reshape(-1, num_ranks, spr), old_slots[worse], groups=np.asarray(nodes)
         )
         phy2log = phy2log.copy()
         phy2log[worse] = fixed.reshape(int(worse.sum()), -1)
@@ -1055,19 +1056,24 @@ class BalancePolicy(ABC):
                 f"load is {num_layers} x {num_experts}"
             )
         live = set(old.ranks) if req.live_ranks is None else set(req.live_ranks)
-        out = np.full((num_layers, len(ranks), spr), _EMPTY, dtype=np.int64)
+        if old.slots_per_rank != spr:  # the slots are reshaped: nothing stays where it is
+            return np.full((num_layers, len(ranks), spr), _EMPTY, dtype=np.int64)
+        at = {r: i for i, r in enumerate(old.ranks)}
+        src = np.array([at[r] if r in live and r in at else -1 for r in ranks], dtype=np.int64)
         view = old.rank_view()
-        for i, r in enumerate(ranks):
-            if r in live and r in old.ranks and old.slots_per_rank == spr:
-                out[:, i, :] = view[:, old.position(r), :]
+        if (src == np.arange(len(ranks))).all() and len(ranks) == old.num_ranks:
+            return view.copy()  # the same ranks, all live: the common rebalance
+        out = view[:, np.maximum(src, 0), :]
+        out[:, src < 0, :] = _EMPTY
         return out
 
     def _place_hierarchical(self, load, old_slots, nodes, num_groups, spr, tolerance, with_ref=False):
         """Step 1: groups to nodes. Steps 2-3: replicate and pack within each node.
 
-        Returns phy2log [L, R * S]. With ``with_ref``, returns (phy2log, eplb's hierarchical
-        phy2log of the same load, and the max rank load per layer of both: [L], [L]); eplb's
-        problems are packed in the same batches as the references sticky needs anyway.
+        Returns phy2log [L, R * S]. With ``with_ref``, returns (phy2log, a function giving
+        eplb's hierarchical phy2log of the same load for some layers, and the max rank load
+        per layer of both: [L], [L]); eplb's problems are packed in the same batches as the
+        references sticky needs anyway.
         """
         num_layers, num_experts = load.shape
         node_ids = sorted(set(nodes))
@@ -1106,10 +1112,16 @@ class BalancePolicy(ABC):
         if not with_ref:
             return _node_slots_to_global(slots, node_experts, positions)
         slots, ref_slots, slots_max, ref_max = slots
+
+        def ref_of(layers: np.ndarray) -> np.ndarray:
+            """eplb's phy2log of some layers (bool [L]): [W, R * S]; most rounds need none."""
+            per_layer = ref_slots.reshape(num_layers, num_nodes, per_node, spr)[layers]
+            return _node_slots_to_global(per_layer.reshape(-1, per_node, spr), ref_experts[layers], positions)
+
         # Layer max rank loads: the largest over the layer's nodes.
         return (
             _node_slots_to_global(slots, node_experts, positions),
-            _node_slots_to_global(ref_slots, ref_experts, positions),
+            ref_of,
             slots_max.reshape(num_layers, num_nodes).max(axis=1),
             ref_max.reshape(num_layers, num_nodes).max(axis=1),
         )
