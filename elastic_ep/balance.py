@@ -108,10 +108,10 @@ def _sorted_experts(cnt: np.ndarray, wrep: np.ndarray) -> tuple[np.ndarray, np.n
     """
     batch, n = cnt.shape
     width = int(cnt[0].sum())
-    order = _argsort_desc(wrep)  # [B, n]; ties by expert id
+    order, ordered = _argsort_desc(wrep)  # [B, n]; ties by expert id
     reps = _gather_rows(cnt, order).ravel()
     experts = np.repeat(order.ravel(), reps).reshape(batch, width)
-    weights = _gather_rows(wrep, experts)
+    weights = np.repeat(ordered.ravel(), reps).reshape(batch, width)
     first = np.repeat(np.cumsum(reps) - reps, reps).reshape(batch, width)  # flat index of the run start
     replica = np.arange(batch * width).reshape(batch, width) - first
     return experts, weights, replica
@@ -149,24 +149,26 @@ def _items(
     return experts, weights, pref
 
 
-def _argsort_desc(values: np.ndarray) -> np.ndarray:
-    """Stable descending argsort of each row of values [B, n] (ties: lowest index first).
+def _argsort_desc(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stable descending argsort of each row of values [B, n] (ties: lowest index first),
+    and the values in that order: ([B, n], [B, n]).
 
-    Equal to ``np.argsort(-values, axis=1, kind="stable")``, faster: non-negative floats
-    sort like their bit patterns, so an integer sort is used and only rows with ties
-    take the (slow) stable sort.
+    The order equals ``np.argsort(-values, axis=1, kind="stable")``, found faster:
+    non-negative floats sort like their bit patterns, so an integer sort is used and only
+    rows with ties take the (slow) stable sort.
     """
     values = np.asarray(values)
     if values.dtype != np.float64 or not values.size or values.min() < 0:
-        return np.argsort(-values, axis=1, kind="stable")
+        order = np.argsort(-values, axis=1, kind="stable")
+        return order, _gather_rows(values, order)
     key = -(values + 0.0).view(np.int64)  # + 0.0 turns -0.0 into 0.0
     order = np.argsort(key, axis=1)
     srt = _gather_rows(key, order)
     same = srt[:, 1:] == srt[:, :-1]
-    if same.any():  # rarely: find the rows with ties only then
+    if same.any():  # rarely: find the rows with ties only then (equal keys: same values)
         tied = same.any(axis=1)
         order[tied] = np.argsort(key[tied], axis=1, kind="stable")
-    return order
+    return order, (-srt).view(np.float64)
 
 
 def _stable_argsort(keys: np.ndarray) -> np.ndarray:
