@@ -30,6 +30,9 @@ def ray_nodes():
     if ray.is_initialized():
         ray.shutdown()
     tmp = tempfile.mkdtemp(prefix="eepn", dir="/tmp")
+    # Cluster() records the head's address in Ray's default temp folder whatever temp_dir
+    # says, and fails on a machine where no Ray session has created that folder yet.
+    os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=2, resources={"eep_node0": 1}, include_dashboard=False, temp_dir=tmp,
         _system_config=HEALTH_CHECK))
