@@ -250,8 +250,8 @@ def _lpt(
     fills = np.zeros(spr + 1)
     fills[spr - 1] = inf  # added to a rank's key when its last slot is taken
     rank_buf = np.empty(batch, dtype=np.intp)
-    # Every step writes its choices straight into row j of out_rank / out_pos and tests for
-    # trapped rows with one reduction: a step is a handful of numpy calls, so each one counts.
+    # A step picks ranks into one reused buffer and tests for trapped rows with one
+    # reduction: a step is a handful of numpy calls over [rows, ranks].
     largest = np.maximum.reduce
     for j in range(width):
         a = active[j]
