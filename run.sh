@@ -10,7 +10,7 @@ VENV="${EEP_VENV:-.venv}"
 
 setup() {
   if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c \
-      "import elastic_ep, actors, ray, torch, safetensors, pytest_timeout, hypothesis" 2>/dev/null; then
+      "import elastic_ep, actors, ray, torch, safetensors, pytest_timeout, hypothesis, transformers, matplotlib" 2>/dev/null; then
     return
   fi
   python3 -m venv "$VENV"
