@@ -1,24 +1,26 @@
-"""Point-to-point transfers of expert weights between Ray actors: one collective group per membership epoch.
+"""Point-to-point transfers of expert weights between Ray actors: one collective group per communicator generation.
 
 Glossary
-- epoch: one membership of the worker set. A death or a join starts a new epoch, and the new
-  epoch gets a new group under a new name (``group_name_for(cluster, epoch)``). A group is never
-  repaired or re-formed in place: after any error it is dropped and the next epoch forms afresh.
+- generation: one membership of the worker set as the communicators see it. A death or a join
+  starts a new generation, and the new generation gets a new group under a new name
+  (``group_name_for(cluster, generation)``). A group is never repaired or re-formed in place:
+  after any error it is dropped and the next generation forms afresh. (A layout version is an
+  epoch, elsewhere; this package never sees one.)
 - store server: one ``TCPStore`` held by a long-lived process (the controller, ``StoreServer``).
-  Every epoch's group meets there under its own key prefix, the group name; names are never reused.
+  Every generation's group meets there under its own key prefix, the group name; names are never reused.
 - op: one ``P2POp`` (send or recv of one contiguous tensor to or from one peer rank).
 - round: the ops posted together (see ``split_into_rounds``).
 
 How it plugs into Ray
     ``ray.util.collective`` keeps a registry of backends. We register two, ``EEP_GLOO`` (CPU
     tensors, torch's ``ProcessGroupGloo``) and ``EEP_NCCL`` (CUDA tensors, ``ProcessGroupNCCL``),
-    whose group class builds a private torch process group for one epoch: no
-    ``init_process_group``, no global ``torch.distributed`` state, so a process can hold epoch n's
-    group, drop it and join epoch n+1's within milliseconds. Ray's ``BaseGroup`` constructor takes
+    whose group class builds a private torch process group for one generation: no
+    ``init_process_group``, no global ``torch.distributed`` state, so a process can hold generation n's
+    group, drop it and join generation n+1's within milliseconds. Ray's ``BaseGroup`` constructor takes
     only ``(world_size, rank, group_name)``, so the store address, timeout and device reach it
     through ``configure_group`` (a per-process table read by the constructor); ``form_group`` does
     both steps. Afterwards ``ray.util.collective.send/recv/allreduce/broadcast/barrier`` work on the
-    group by name, and ``EpochP2PGroup.exchange`` posts a whole batch of sends and receives at once.
+    group by name, and ``P2PGroup.exchange`` posts a whole batch of sends and receives at once.
 
 Ordering contract (the executor's job, not this module's)
     Between two ranks, the k-th send from a to b is received by the k-th recv on b from a, with the
@@ -71,23 +73,23 @@ private process group), ``gloo`` and ``nccl`` (the two backends), ``membership``
 forming and leaving groups), ``interface`` (the Transport the executor uses).
 """
 
-from .group import EpochP2PGroup
-from .gloo import GlooEpochGroup
+from .group import P2PGroup
+from .gloo import GlooGroup
 from .interface import CollectiveTransport, Transport
 from .membership import form_group, get_group, leave_group, register_backends
-from .nccl import NcclEpochGroup
+from .nccl import NcclGroup
 from .ops import DEFAULT_MAX_OPS_IN_FLIGHT, GLOO_BACKEND, NCCL_BACKEND, P2POp, group_name_for, split_into_rounds
 from .rendezvous import GroupConfig, StoreServer, configure_group
 
 __all__ = [
     "CollectiveTransport",
     "DEFAULT_MAX_OPS_IN_FLIGHT",
-    "EpochP2PGroup",
     "GLOO_BACKEND",
-    "GlooEpochGroup",
+    "GlooGroup",
     "GroupConfig",
     "NCCL_BACKEND",
-    "NcclEpochGroup",
+    "NcclGroup",
+    "P2PGroup",
     "P2POp",
     "StoreServer",
     "Transport",

@@ -12,14 +12,14 @@ import torch.distributed as dist
 
 from ..errors import TransferTimeoutError
 from .failure import JOIN_SLACK_S, RoundFailed, classify, short
-from .group import EpochP2PGroup
+from .group import P2PGroup
 from .ops import GLOO_BACKEND, P2P_TAG, P2POp
 from .rendezvous import node_ip
 
 _ABORT_POLL_S = 0.05  # how often a gloo exchange checks whether another thread aborted the group
 
 
-class GlooEpochGroup(EpochP2PGroup):
+class GlooGroup(P2PGroup):
     """EEP_GLOO: CPU tensors over a private ``ProcessGroupGloo``.
 
     Gloo reports a send or receive complete only once it is waited on, and a wait that times out

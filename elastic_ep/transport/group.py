@@ -1,4 +1,4 @@
-"""The collective group of one membership epoch over a private torch process group: formation, exchange, collectives."""
+"""The collective group of one communicator generation over a private torch process group: formation, exchange, collectives."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ _REDUCE_OPS = {
 
 
 
-class EpochP2PGroup(BaseGroup):
-    """A ``ray.util.collective`` group for one membership epoch over a private torch process group.
+class P2PGroup(BaseGroup):
+    """A ``ray.util.collective`` group for one communicator generation over a private torch process group.
 
     Built by Ray's group manager from ``init_collective_group``; configure it first with
     ``configure_group`` (or call ``form_group``). Its constructor blocks until every rank has

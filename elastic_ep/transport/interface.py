@@ -9,7 +9,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..errors import TransferError
-from .group import EpochP2PGroup
+from .group import P2PGroup
 from .membership import get_group, leave_group
 from .ops import P2POp
 
@@ -38,7 +38,7 @@ class Transport(ABC):
 
         Round i+1 is drawn once round i is under way, so its sends can be packed meanwhile.
         Every rank must draw its rounds in one global order of keys, each op's partner in the
-        peer's round of the same key (``EpochP2PGroup.exchange_rounds``). This default runs
+        peer's round of the same key (``P2PGroup.exchange_rounds``). This default runs
         them one by one through ``add_send``/``add_recv``/``execute``.
         """
         deadline = time.monotonic() + timeout_s
@@ -55,17 +55,17 @@ class Transport(ABC):
 class CollectiveTransport(Transport):
     """A Transport over a group formed with ``form_group`` in this process.
 
-    The group belongs to its epoch: ``close`` leaves it only when ``owns_group`` is set.
+    The group belongs to its generation: ``close`` leaves it only when ``owns_group`` is set.
     """
 
     def __init__(self, group_name: str, owns_group: bool = False):
         self._group_name = group_name
         self._owns_group = owns_group
-        self._group: Optional[EpochP2PGroup] = get_group(group_name)
+        self._group: Optional[P2PGroup] = get_group(group_name)
         self._ops: list[P2POp] = []
 
     @property
-    def group(self) -> EpochP2PGroup:
+    def group(self) -> P2PGroup:
         if self._group is None:
             raise TransferError(f"transport over {self._group_name!r} is closed")
         return self._group

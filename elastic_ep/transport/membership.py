@@ -8,9 +8,9 @@ from ray.util import collective as ray_collective
 from ray.util.collective.backend_registry import BackendRegistry, register_collective_backend
 
 from ..errors import TransferError
-from .gloo import GlooEpochGroup
-from .group import EpochP2PGroup
-from .nccl import NcclEpochGroup
+from .gloo import GlooGroup
+from .group import P2PGroup
+from .nccl import NcclGroup
 from .ops import DEFAULT_MAX_OPS_IN_FLIGHT, GLOO_BACKEND, NCCL_BACKEND, Device
 from .rendezvous import as_device, configure_group, discard_config
 
@@ -21,7 +21,7 @@ def register_backends() -> None:
     """Register EEP_GLOO and EEP_NCCL with ``ray.util.collective``; idempotent, call in every process."""
     registry = BackendRegistry()  # the process-wide singleton
     with _register_lock:
-        for name, cls in ((GLOO_BACKEND, GlooEpochGroup), (NCCL_BACKEND, NcclEpochGroup)):
+        for name, cls in ((GLOO_BACKEND, GlooGroup), (NCCL_BACKEND, NcclGroup)):
             if not registry.is_registered(name):
                 register_collective_backend(name, cls)
 
@@ -36,12 +36,12 @@ def form_group(
     timeout_s: float,
     device: Device = "cpu",
     max_ops_in_flight: int = DEFAULT_MAX_OPS_IN_FLIGHT,
-) -> EpochP2PGroup:
+) -> P2PGroup:
     """Join the group ``group_name`` from inside a Ray actor; blocks until every rank has joined.
 
     Picks EEP_NCCL for a CUDA ``device`` and EEP_GLOO otherwise. Raises TransferTimeoutError
     naming the ranks that did not join within ``timeout_s``; a failed name cannot be retried
-    (the store keeps its keys): form the next epoch's group instead.
+    (the store keeps its keys): form the next generation's group instead.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
@@ -60,14 +60,14 @@ def form_group(
     return get_group(group_name)
 
 
-def get_group(group_name: str) -> EpochP2PGroup:
+def get_group(group_name: str) -> P2PGroup:
     """The group ``group_name`` formed in this process."""
     if not ray_collective.is_group_initialized(group_name):
         raise TransferError(f"group {group_name!r} is not formed in this process")
     from ray.util.collective.collective import get_group_handle
 
     group = get_group_handle(group_name)
-    if not isinstance(group, EpochP2PGroup):
+    if not isinstance(group, P2PGroup):
         raise TransferError(f"group {group_name!r} is a {type(group).__name__}, not an elastic-ep group")
     return group
 

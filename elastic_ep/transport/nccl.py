@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..errors import TransferError, TransferTimeoutError
 from .failure import RoundFailed, classify, dispose, run_bounded, short
-from .group import EpochP2PGroup
+from .group import P2PGroup
 from .ops import NCCL_BACKEND, P2P_TAG, P2POp
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ _NCCL_FORCED_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}  # 2: abort communic
 _NCCL_DEFAULT_ENV = {"TORCH_NCCL_ENABLE_MONITORING": "0"}  # no heartbeat monitor that SIGABRTs the process
 
 
-class NcclEpochGroup(EpochP2PGroup):
+class NcclGroup(P2PGroup):
     """EEP_NCCL: CUDA tensors over a private ``ProcessGroupNCCL`` bound to one device.
 
     Formation creates the communicator eagerly and connects every pair with a one-element

@@ -15,13 +15,13 @@ P2P_TAG = 0  # one tag for every point-to-point op: matching is by per-pair orde
 Device = Union[str, torch.device]
 
 
-def group_name_for(cluster_name: str, epoch: int) -> str:
-    """Name of the collective group of one membership epoch, e.g. ``"eep-epoch3"``."""
+def group_name_for(cluster_name: str, generation: int) -> str:
+    """Name of the collective group of one communicator generation, e.g. ``"eep-gen3"``."""
     if not isinstance(cluster_name, str) or not cluster_name:
         raise ValueError(f"cluster_name must be a non-empty str, got {cluster_name!r}")
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-    return f"{cluster_name}-epoch{epoch}"
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
+        raise ValueError(f"generation must be an int >= 0, got {generation!r}")
+    return f"{cluster_name}-gen{generation}"
 
 
 @dataclass(frozen=True, eq=False)  # eq would compare tensors elementwise

@@ -25,9 +25,9 @@ def node_ip() -> str:
 
 
 class StoreServer:
-    """The TCPStore server every epoch's group meets at; hold one in a long-lived process (the controller).
+    """The TCPStore server every generation's group meets at; hold one in a long-lived process (the controller).
 
-    Keys accumulate (a few hundred bytes per rank per epoch) until the server is closed.
+    Keys accumulate (a few hundred bytes per rank per generation) until the server is closed.
     """
 
     def __init__(self, host: Optional[str] = None, timeout_s: float = 60.0):
@@ -44,7 +44,7 @@ class StoreServer:
     def abandon(self, group_name: str, reason: str) -> None:
         """Release the ranks still waiting to form ``group_name``: they raise ``FormationAbandoned``
         within ms instead of waiting out their timeout (e.g. a member died before joining)."""
-        if self._store is not None:  # the same prefix the group's ranks see (EpochP2PGroup._connect_store)
+        if self._store is not None:  # the same prefix the group's ranks see (P2PGroup._connect_store)
             dist.PrefixStore(group_name + "/", self._store).set(ABANDON_KEY, reason[:500])
 
     def close(self) -> None:
