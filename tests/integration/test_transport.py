@@ -77,7 +77,7 @@ class StoreHost:
 
 
 class Peer:
-    """A stand-in worker: forms epoch groups and moves identity-coded tensors (on CPU, or on its GPU)."""
+    """A stand-in worker: forms generation groups and moves identity-coded tensors (on CPU, or on its GPU)."""
 
     def __init__(self, device: str = "cpu"):
         self.device = device
@@ -398,20 +398,20 @@ def test_ray_collective_api_through_registered_backend(peers, store):
 @pytest.mark.timeout(60, func_only=True)
 def test_reform_after_a_death_in_the_same_processes(peers, store, spares):
     victim, replacement = spares.pop(), spares.pop()
-    epoch0 = [peers[0], peers[1], victim]
-    name0, _ = form(epoch0, store)
+    gen0 = [peers[0], peers[1], victim]
+    name0, _ = form(gen0, store)
     plans = ring_plans(3, 4096)
-    results = ray.get([p.exchange.remote(name0, plans[r]) for r, p in enumerate(epoch0)], timeout=30)
+    results = ray.get([p.exchange.remote(name0, plans[r]) for r, p in enumerate(gen0)], timeout=30)
     for result, plan in zip(results, plans):
         assert_received(result, plan)
 
     ray.kill(victim, no_restart=True)
     killed_at = time.monotonic()
-    leave_s = ray.get([p.leave.remote(name0) for p in epoch0[:2]], timeout=10)
-    epoch1 = [peers[1], replacement, peers[0]]  # survivors renumbered, the newcomer in the middle
-    name1, timings = form(epoch1, store, timeout_s=5.0)
+    leave_s = ray.get([p.leave.remote(name0) for p in gen0[:2]], timeout=10)
+    gen1 = [peers[1], replacement, peers[0]]  # survivors renumbered, the newcomer in the middle
+    name1, timings = form(gen1, store, timeout_s=5.0)
     plans = ring_plans(3, 4096)
-    results = ray.get([p.exchange.remote(name1, plans[r]) for r, p in enumerate(epoch1)], timeout=30)
+    results = ray.get([p.exchange.remote(name1, plans[r]) for r, p in enumerate(gen1)], timeout=30)
     recovered_s = time.monotonic() - killed_at
     for result, plan in zip(results, plans):
         assert_received(result, plan)
@@ -423,7 +423,7 @@ def test_reform_after_a_death_in_the_same_processes(peers, store, spares):
     assert max(leave_s) < 1.0, leave_s
     assert formation_s < 3.0, timings  # measured inside the actors
     assert recovered_s < 10.0  # wall time through Ray calls: loose, the machine may be shared
-    ray.get([p.leave.remote(name1) for p in epoch1], timeout=10)
+    ray.get([p.leave.remote(name1) for p in gen1], timeout=10)
 
 
 @pytest.mark.timeout(60, func_only=True)
@@ -653,10 +653,10 @@ def test_nccl_timeout_aborts_and_the_worker_lives_on(gpu_peers, store):
     leave_s = ray.get([p.leave.remote(name) for p in gpu_peers], timeout=30)
     assert max(leave_s) < 2.0, leave_s
 
-    name, timings = form(gpu_peers, store, timeout_s=60)  # the same processes and GPUs work in the next epoch
+    name, timings = form(gpu_peers, store, timeout_s=60)  # the same processes and GPUs work in the next generation
     print(
         f"\nnccl timeout: raised after {report['elapsed_s']:.2f} s (timeout {timeout_s} s), leave "
-        f"{max(leave_s) * 1e3:.0f} ms, next epoch formed in {max(t['formation_s'] for t in timings):.2f} s"
+        f"{max(leave_s) * 1e3:.0f} ms, next generation formed in {max(t['formation_s'] for t in timings):.2f} s"
     )
     plans = ring_plans(2, 4096)
     results = ray.get([p.exchange.remote(name, plans[r]) for r, p in enumerate(gpu_peers)], timeout=60)
