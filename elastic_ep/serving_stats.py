@@ -1,0 +1,413 @@
+"""Serving statistics: a bounded log of served calls and event marks, and pure functions that measure gaps, latency and throughput.
+
+Glossary (every time is in seconds on ONE clock shared by calls and marks; wall
+clock ``time.time()`` by default, because marks come from other processes):
+
+- call: one served request, ``CallRecord(t_start_s, t_end_s, tokens, ok, ...)``.
+  A call is *successful* (``ok``) when its tokens were served; its *completion*
+  is ``t_end_s``. Failed calls never count as served.
+- completion gap: the time between two successive completions of successful
+  calls (completions sorted by time). Calls finishing at the same instant give a
+  gap of 0. In a steady loop the gap is about one call's latency divided by the
+  number of concurrent clients; a death shows as one long gap. This is the
+  "gap in served tokens" a user sees.
+- kill window of a kill mark at ``k``: ``[k, e]`` where ``e`` is the later of
+  (a) the first ``commit`` mark after ``k`` and (b) the completion of the first
+  successful call that started at or after ``k`` (the first call issued after
+  the death that was served). The kill is *recovered* when (b) exists;
+  otherwise ``e`` is the end of the log.
+- kill gap: the longest completion gap that overlaps the open interval ``(k, e)``.
+  Where no completion precedes ``k`` the gap starts at ``k``; an unrecovered
+  kill's gap runs from the last completion to the end of the log (open gap).
+- rebalance window: a ``rebalance_start`` mark to the next ``rebalance_commit``
+  mark (or the end of the log, ``committed=False``).
+- steady state: calls whose ``[t_start_s, t_end_s]`` touches no kill or
+  rebalance window (each widened by ``margin_s``). Steady throughput is the
+  tokens of successful calls completed outside every window, divided by the
+  log's span (first start .. last end) less the windows' union.
+- throughput in a window ``[a, b]``: tokens of successful calls completed in
+  ``(a, b]`` (half-open, so adjacent windows never count a call twice) divided
+  by ``b - a``; meaningful only for windows much longer than one call.
+- latency: ``t_end_s - t_start_s`` of successful calls; percentiles are numpy's
+  linear interpolation, so they lie within the observed min and max.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from .errors import ElasticEPError
+
+MARK_KINDS = ("kill", "detect", "commit", "rebalance_start", "rebalance_commit")
+
+
+class ServingStatsError(ElasticEPError, ValueError):
+    """A call record, a mark or a stats request is malformed (names the bad value)."""
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One served call: when it ran, how many tokens, and how it ended.
+
+    error: the failure's kind (e.g. the exception class name) when ``ok`` is False, else None.
+    epoch: the committed layout epoch the call used (-1 when unknown).
+    retried_tokens: tokens re-sent to a surviving replica within the call.
+    degraded_tokens: tokens served over fewer than their top-k experts (degraded mode).
+    wrong: True/False when checked against the oracle, None when not checked.
+    """
+
+    t_start_s: float
+    t_end_s: float
+    tokens: int
+    ok: bool = True
+    error: Optional[str] = None
+    epoch: int = -1
+    retried_tokens: int = 0
+    degraded_tokens: int = 0
+    wrong: Optional[bool] = None
+
+    def __post_init__(self):
+        if not (np.isfinite(self.t_start_s) and np.isfinite(self.t_end_s)):
+            raise ServingStatsError(f"call times must be finite, got {self.t_start_s}..{self.t_end_s}")
+        if self.t_end_s < self.t_start_s:
+            raise ServingStatsError(f"call ends before it starts: t_end_s={self.t_end_s} < t_start_s={self.t_start_s}")
+        for name in ("tokens", "retried_tokens", "degraded_tokens"):
+            if getattr(self, name) < 0:
+                raise ServingStatsError(f"{name}={getattr(self, name)} is negative")
+        if self.ok != (self.error is None):
+            raise ServingStatsError(f"ok={self.ok} with error={self.error!r}: a failed call needs an error kind, a served one none")
+
+    @property
+    def latency_s(self) -> float:
+        return self.t_end_s - self.t_start_s
+
+
+@dataclass(frozen=True)
+class EventMark:
+    """A moment on the serving timeline: kind in MARK_KINDS, label free text (e.g. 'rank 3')."""
+
+    t_s: float
+    kind: str
+    label: str = ""
+
+    def __post_init__(self):
+        if self.kind not in MARK_KINDS:
+            raise ServingStatsError(f"mark kind {self.kind!r} is not one of {MARK_KINDS}")
+        if not np.isfinite(self.t_s):
+            raise ServingStatsError(f"mark time {self.t_s} is not finite")
+
+
+class ServingLog:
+    """Thread-safe append-only recorder keeping the last ``capacity`` calls and ``mark_capacity`` marks."""
+
+    def __init__(self, capacity: int = 200_000, mark_capacity: int = 10_000, clock: Callable[[], float] = time.time):
+        if capacity < 1 or mark_capacity < 1:
+            raise ServingStatsError(f"capacities must be >= 1, got capacity={capacity}, mark_capacity={mark_capacity}")
+        self._calls: deque[CallRecord] = deque(maxlen=capacity)
+        self._marks: deque[EventMark] = deque(maxlen=mark_capacity)
+        self._lock = threading.Lock()
+        self.clock = clock
+        self.calls_seen = 0  # every call ever recorded, including those the ring has dropped
+
+    def record(self, call: CallRecord) -> None:
+        with self._lock:
+            self._calls.append(call)
+            self.calls_seen += 1
+
+    def mark(self, kind: str, label: str = "", t_s: Optional[float] = None) -> EventMark:
+        """Record an event now (or at ``t_s`` on the log's clock) and return it."""
+        m = EventMark(self.clock() if t_s is None else float(t_s), kind, label)
+        with self._lock:
+            self._marks.append(m)
+        return m
+
+    def snapshot(self) -> tuple[tuple[CallRecord, ...], tuple[EventMark, ...]]:
+        with self._lock:
+            return tuple(self._calls), tuple(self._marks)
+
+    @property
+    def dropped(self) -> int:
+        with self._lock:
+            return self.calls_seen - len(self._calls)
+
+    def summary(self, margin_s: float = 0.0) -> "ServingSummary":
+        calls, marks = self.snapshot()
+        return summarize(calls, marks, margin_s=margin_s, dropped_calls=self.dropped)
+
+
+# -- pure measures ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gap:
+    """An interval with no served completion: ``start_s`` .. ``end_s``."""
+
+    start_s: float
+    end_s: float
+
+    @property
+    def length_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+def completions(calls: Iterable[CallRecord]) -> np.ndarray:
+    """Sorted completion times of successful calls: [num_ok]."""
+    return np.sort(np.array([c.t_end_s for c in calls if c.ok], dtype=np.float64))
+
+
+def completion_gaps(calls: Iterable[CallRecord]) -> np.ndarray:
+    """Gaps between successive successful completions: [max(num_ok - 1, 0)]."""
+    return np.diff(completions(calls))
+
+
+def longest_gap(calls: Iterable[CallRecord]) -> Optional[Gap]:
+    """The longest completion gap (earliest on ties), or None with fewer than two successful calls."""
+    done = completions(calls)
+    if len(done) < 2:
+        return None
+    i = int(np.argmax(np.diff(done)))
+    return Gap(float(done[i]), float(done[i + 1]))
+
+
+def percentile(values: Sequence[float], q: float) -> Optional[float]:
+    """numpy's linear percentile (``q`` in 0..100), or None for no values."""
+    if not 0 <= q <= 100:
+        raise ServingStatsError(f"percentile q={q} is outside 0..100")
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
+
+
+def tokens_per_s(calls: Iterable[CallRecord], t0: float, t1: float) -> Optional[float]:
+    """Tokens of successful calls completed in ``(t0, t1]`` per second, None for an empty window."""
+    if t1 <= t0:
+        return None
+    return sum(c.tokens for c in calls if c.ok and t0 < c.t_end_s <= t1) / (t1 - t0)
+
+
+def _first_after(marks: Sequence[EventMark], kind: str, t: float) -> Optional[float]:
+    times = [m.t_s for m in marks if m.kind == kind and m.t_s >= t]
+    return min(times) if times else None
+
+
+def _overlaps(c: CallRecord, a: float, b: float) -> bool:
+    return c.t_start_s <= b and c.t_end_s >= a
+
+
+def _log_end(calls: Sequence[CallRecord], marks: Sequence[EventMark]) -> float:
+    return max([c.t_end_s for c in calls] + [m.t_s for m in marks])
+
+
+@dataclass(frozen=True)
+class KillStats:
+    """What serving saw around one kill (see the module docstring for the window and gap rules)."""
+
+    t_kill_s: float
+    label: str
+    detect_after_s: Optional[float]  # first detect mark after the kill, minus the kill
+    commit_after_s: Optional[float]  # first commit mark after the kill, minus the kill
+    window_end_s: float
+    recovered: bool  # a call started after the kill was served
+    gap: Gap
+    calls: int  # calls overlapping the kill window
+    failed_calls: int
+    latency_p50_s: Optional[float]
+    latency_p99_s: Optional[float]
+
+
+def kill_stats(calls: Sequence[CallRecord], marks: Sequence[EventMark], kill: EventMark) -> KillStats:
+    """Measure the serving gap, failures and latency in one kill's window."""
+    k = kill.t_s
+    fresh = [c.t_end_s for c in calls if c.ok and c.t_start_s >= k]
+    commit = _first_after(marks, "commit", k)
+    detect = _first_after(marks, "detect", k)
+    recovered = bool(fresh)
+    if recovered:
+        end = max(min(fresh), commit if commit is not None else -np.inf)
+    else:
+        end = max(_log_end(calls, marks), k)
+    done = completions(calls)
+    before = done[done <= k]
+    seq = np.concatenate([[before[-1] if len(before) else k], done[done > k]])
+    if not recovered or seq[-1] < end:
+        seq = np.append(seq, end)  # open gap: nothing was served up to the window's end
+    # the interval (seq[i], seq[i+1]) overlaps (k, end) when seq[i] < end (seq[i+1] > k holds by construction)
+    starts, ends = seq[:-1], seq[1:]
+    lengths = np.where(starts < end, ends - starts, -1.0)
+    i = int(np.argmax(lengths))
+    gap = Gap(float(starts[i]), float(ends[i])) if lengths[i] >= 0 else Gap(float(end), float(end))
+    inside = [c for c in calls if _overlaps(c, k, end)]
+    lat = [c.latency_s for c in inside if c.ok]
+    return KillStats(
+        t_kill_s=k, label=kill.label,
+        detect_after_s=None if detect is None else detect - k,
+        commit_after_s=None if commit is None else commit - k,
+        window_end_s=float(end), recovered=recovered, gap=gap,
+        calls=len(inside), failed_calls=sum(not c.ok for c in inside),
+        latency_p50_s=percentile(lat, 50), latency_p99_s=percentile(lat, 99),
+    )
+
+
+@dataclass(frozen=True)
+class WindowThroughput:
+    """Throughput during one rebalance (start .. commit) beside steady state."""
+
+    t_start_s: float
+    t_end_s: float
+    label: str
+    committed: bool
+    tokens_per_s: Optional[float]
+    ratio_to_steady: Optional[float]
+
+
+def rebalance_windows(marks: Sequence[EventMark], log_end_s: float) -> list[tuple[float, float, str, bool]]:
+    """Pair each rebalance_start with the next rebalance_commit: [(start, end, label, committed)]."""
+    out = []
+    for m in sorted((m for m in marks if m.kind == "rebalance_start"), key=lambda m: m.t_s):
+        end = _first_after(marks, "rebalance_commit", m.t_s)
+        out.append((m.t_s, end if end is not None else max(log_end_s, m.t_s), m.label, end is not None))
+    return out
+
+
+def steady_calls(calls: Sequence[CallRecord], windows: Sequence[tuple[float, float]], margin_s: float = 0.0) -> list[CallRecord]:
+    """Calls touching no window widened by ``margin_s`` on each side."""
+    return [c for c in calls if not any(_overlaps(c, a - margin_s, b + margin_s) for a, b in windows)]
+
+
+def _union_length(windows: Sequence[tuple[float, float]], lo: float, hi: float) -> float:
+    total, cur_a, cur_b = 0.0, None, None
+    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in windows):
+        if b <= a:
+            continue
+        if cur_b is None or a > cur_b:
+            total += 0.0 if cur_b is None else cur_b - cur_a
+            cur_a, cur_b = a, b
+        else:
+            cur_b = max(cur_b, b)
+    return total + (0.0 if cur_b is None else cur_b - cur_a)
+
+
+def steady_tokens_per_s(calls: Sequence[CallRecord], windows: Sequence[tuple[float, float]], margin_s: float = 0.0) -> Optional[float]:
+    """Tokens/s completed outside every (widened) window over the log's span less the windows' union."""
+    if not calls:
+        return None
+    lo, hi = min(c.t_start_s for c in calls), max(c.t_end_s for c in calls)
+    wide = [(a - margin_s, b + margin_s) for a, b in windows]
+    span = (hi - lo) - _union_length(wide, lo, hi)
+    if span <= 0:
+        return None
+    tokens = sum(c.tokens for c in calls if c.ok and not any(a < c.t_end_s <= b for a, b in wide))
+    return tokens / span
+
+
+@dataclass(frozen=True)
+class ServingSummary:
+    """Everything the chaos summary and the demo report about serving (JSON via ``to_dict``)."""
+
+    t0_s: float  # the log's first moment; format_table prints times relative to it
+    span_s: float
+    calls: int
+    ok_calls: int
+    failed_calls: int
+    failed_by_kind: tuple[tuple[str, int], ...]
+    checked_calls: int
+    wrong_calls: int
+    tokens_served: int
+    retried_tokens: int
+    degraded_tokens: int
+    dropped_calls: int  # calls the bounded log forgot before this summary (stats cover the rest)
+    longest_gap: Optional[Gap]
+    steady_calls: int
+    steady_p50_s: Optional[float]
+    steady_p99_s: Optional[float]
+    steady_tokens_per_s: Optional[float]
+    kills: tuple[KillStats, ...]
+    rebalances: tuple[WindowThroughput, ...]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["failed_by_kind"] = dict(self.failed_by_kind)
+        if self.longest_gap is not None:
+            d["longest_gap"]["length_s"] = self.longest_gap.length_s
+        for kd, k in zip(d["kills"], self.kills):
+            kd["gap"]["length_s"] = k.gap.length_s
+        return d
+
+    def format_table(self) -> str:
+        return _format(self)
+
+
+def summarize(calls: Sequence[CallRecord], marks: Sequence[EventMark] = (), *, margin_s: float = 0.0, dropped_calls: int = 0) -> ServingSummary:
+    """Measure a serving stream around its events; see the module docstring for every definition."""
+    if not calls:
+        raise ServingStatsError("no calls to summarize: the serving log is empty")
+    if margin_s < 0:
+        raise ServingStatsError(f"margin_s={margin_s} is negative")
+    calls = sorted(calls, key=lambda c: (c.t_start_s, c.t_end_s))
+    marks = sorted(marks, key=lambda m: m.t_s)
+    end = _log_end(calls, marks)
+    t0 = min([calls[0].t_start_s] + [m.t_s for m in marks])
+    kills = tuple(kill_stats(calls, marks, m) for m in marks if m.kind == "kill")
+    rebs = rebalance_windows(marks, end)
+    windows = [(k.t_kill_s, k.window_end_s) for k in kills] + [(a, b) for a, b, _, _ in rebs]
+    steady = steady_calls(calls, windows, margin_s)
+    steady_lat = [c.latency_s for c in steady if c.ok]
+    steady_tps = steady_tokens_per_s(calls, windows, margin_s)
+    failed: dict[str, int] = {}
+    for c in calls:
+        if not c.ok:
+            failed[c.error] = failed.get(c.error, 0) + 1
+    reb_stats = []
+    for a, b, label, committed in rebs:
+        tps = tokens_per_s(calls, a, b)
+        ratio = tps / steady_tps if tps is not None and steady_tps else None
+        reb_stats.append(WindowThroughput(a, b, label, committed, tps, ratio))
+    ok = [c for c in calls if c.ok]
+    return ServingSummary(
+        t0_s=t0, span_s=end - t0, calls=len(calls), ok_calls=len(ok), failed_calls=len(calls) - len(ok),
+        failed_by_kind=tuple(sorted(failed.items())),
+        checked_calls=sum(c.wrong is not None for c in calls), wrong_calls=sum(c.wrong is True for c in calls),
+        tokens_served=sum(c.tokens for c in ok), retried_tokens=sum(c.retried_tokens for c in calls),
+        degraded_tokens=sum(c.degraded_tokens for c in calls), dropped_calls=dropped_calls,
+        longest_gap=longest_gap(calls), steady_calls=len(steady),
+        steady_p50_s=percentile(steady_lat, 50), steady_p99_s=percentile(steady_lat, 99),
+        steady_tokens_per_s=steady_tps, kills=kills, rebalances=tuple(reb_stats),
+    )
+
+
+def _ms(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f}"
+
+
+def _format(s: ServingSummary) -> str:
+    failed = ", ".join(f"{k} {n}" for k, n in s.failed_by_kind)
+    tps = "-" if s.steady_tokens_per_s is None else f"{s.steady_tokens_per_s:,.0f}"
+    lines = [
+        f"serving: {s.calls} calls over {s.span_s:.2f} s, {s.ok_calls} served, {s.failed_calls} failed"
+        + (f" ({failed})" if failed else "") + f", {s.wrong_calls} wrong of {s.checked_calls} checked",
+        f"tokens: {s.tokens_served:,} served, {s.retried_tokens:,} retried, {s.degraded_tokens:,} degraded"
+        + (f"; {s.dropped_calls} older calls dropped from the log" if s.dropped_calls else ""),
+        f"steady: {s.steady_calls} calls, p50 {_ms(s.steady_p50_s)} ms, p99 {_ms(s.steady_p99_s)} ms, {tps} tokens/s",
+    ]
+    if s.longest_gap is not None:
+        g = s.longest_gap
+        lines.append(f"longest gap: {_ms(g.length_s)} ms (t={g.start_s - s.t0_s:.3f}..{g.end_s - s.t0_s:.3f} s)")
+    if s.kills:
+        lines.append(f"{'kill t_s':>9} {'label':>10} {'detect_ms':>9} {'commit_ms':>9} {'gap_ms':>8} "
+                     f"{'p50_ms':>7} {'p99_ms':>7} {'calls':>6} {'failed':>6} recovered")
+        for k in s.kills:
+            lines.append(f"{k.t_kill_s - s.t0_s:9.3f} {k.label[:10]:>10} {_ms(k.detect_after_s):>9} {_ms(k.commit_after_s):>9} "
+                         f"{_ms(k.gap.length_s):>8} {_ms(k.latency_p50_s):>7} {_ms(k.latency_p99_s):>7} "
+                         f"{k.calls:6d} {k.failed_calls:6d} {'yes' if k.recovered else 'NO'}")
+    if s.rebalances:
+        lines.append(f"{'rebal t_s':>9} {'label':>10} {'dur_ms':>9} {'tokens/s':>12} {'vs steady':>9} committed")
+        for r in s.rebalances:
+            rtps = "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
+            ratio = "-" if r.ratio_to_steady is None else f"{100 * r.ratio_to_steady:.1f}%"
+            lines.append(f"{r.t_start_s - s.t0_s:9.3f} {r.label[:10]:>10} {_ms(r.t_end_s - r.t_start_s):>9} "
+                         f"{rtps:>12} {ratio:>9} {'yes' if r.committed else 'NO'}")
+    return "\n".join(lines)
