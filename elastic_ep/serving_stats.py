@@ -238,8 +238,8 @@ def kill_stats(calls: Sequence[CallRecord], marks: Sequence[EventMark], kill: Ev
     # the interval (seq[i], seq[i+1]) overlaps (k, end) when seq[i] < end (seq[i+1] > k holds by construction)
     starts, ends = seq[:-1], seq[1:]
     lengths = np.where(starts < end, ends - starts, -1.0)
-    i = int(np.argmax(lengths))
-    gap = Gap(float(starts[i]), float(ends[i])) if lengths[i] >= 0 else Gap(float(end), float(end))
+    i = int(np.argmax(lengths)) if len(lengths) else 0
+    gap = Gap(float(starts[i]), float(ends[i])) if len(lengths) and lengths[i] >= 0 else Gap(float(end), float(end))
     inside = [c for c in calls if _overlaps(c, k, end)]
     lat = [c.latency_s for c in inside if c.ok]
     return KillStats(
