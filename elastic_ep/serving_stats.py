@@ -18,7 +18,8 @@ clock ``time.time()`` by default, because marks come from other processes):
   otherwise ``e`` is the end of the log.
 - kill gap: the longest completion gap that overlaps the open interval ``(k, e)``.
   Where no completion precedes ``k`` the gap starts at ``k``; an unrecovered
-  kill's gap runs from the last completion to the end of the log (open gap).
+  kill's gap runs from the last completion to the end of the log (open gap); a
+  window of one instant (a fresh call served at ``k`` itself) has a gap of 0.
 - rebalance window: a ``rebalance_start`` mark to the next ``rebalance_commit``
   mark (or the end of the log, ``committed=False``).
 - steady state: calls whose ``[t_start_s, t_end_s]`` touches no kill or
@@ -34,11 +35,12 @@ clock ``time.time()`` by default, because marks come from other processes):
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -73,7 +75,7 @@ class CallRecord:
     wrong: Optional[bool] = None
 
     def __post_init__(self):
-        if not (np.isfinite(self.t_start_s) and np.isfinite(self.t_end_s)):
+        if not (math.isfinite(self.t_start_s) and math.isfinite(self.t_end_s)):
             raise ServingStatsError(f"call times must be finite, got {self.t_start_s}..{self.t_end_s}")
         if self.t_end_s < self.t_start_s:
             raise ServingStatsError(f"call ends before it starts: t_end_s={self.t_end_s} < t_start_s={self.t_start_s}")
@@ -99,7 +101,7 @@ class EventMark:
     def __post_init__(self):
         if self.kind not in MARK_KINDS:
             raise ServingStatsError(f"mark kind {self.kind!r} is not one of {MARK_KINDS}")
-        if not np.isfinite(self.t_s):
+        if not math.isfinite(self.t_s):
             raise ServingStatsError(f"mark time {self.t_s} is not finite")
 
 
@@ -156,17 +158,44 @@ class Gap:
         return self.end_s - self.start_s
 
 
-def completions(calls: Iterable[CallRecord]) -> np.ndarray:
+@dataclass(frozen=True)
+class CallTable:
+    """The calls as columns, built once so every measure is vectorised: each array is [num_calls], ``done`` [num_ok]."""
+
+    start: np.ndarray
+    end: np.ndarray
+    tokens: np.ndarray
+    ok: np.ndarray
+    done: np.ndarray  # sorted completion times of the successful calls
+
+    @classmethod
+    def of(cls, calls: "Sequence[CallRecord] | CallTable") -> "CallTable":
+        if isinstance(calls, CallTable):
+            return calls
+        calls = list(calls)
+        col = lambda f, dtype: np.fromiter((f(c) for c in calls), dtype=dtype, count=len(calls))  # noqa: E731
+        end, ok = col(lambda c: c.t_end_s, np.float64), col(lambda c: c.ok, np.bool_)
+        return cls(col(lambda c: c.t_start_s, np.float64), end, col(lambda c: c.tokens, np.int64), ok, np.sort(end[ok]))
+
+    def touching(self, a: float, b: float) -> np.ndarray:
+        """[num_calls] bool: the call's [start, end] touches [a, b]."""
+        return (self.start <= b) & (self.end >= a)
+
+
+Calls = Union[Sequence[CallRecord], CallTable]
+
+
+def completions(calls: Calls) -> np.ndarray:
     """Sorted completion times of successful calls: [num_ok]."""
-    return np.sort(np.array([c.t_end_s for c in calls if c.ok], dtype=np.float64))
+    return CallTable.of(calls).done
 
 
-def completion_gaps(calls: Iterable[CallRecord]) -> np.ndarray:
+def completion_gaps(calls: Calls) -> np.ndarray:
     """Gaps between successive successful completions: [max(num_ok - 1, 0)]."""
     return np.diff(completions(calls))
 
 
-def longest_gap(calls: Iterable[CallRecord]) -> Optional[Gap]:
+def longest_gap(calls: Calls) -> Optional[Gap]:
     """The longest completion gap (earliest on ties), or None with fewer than two successful calls."""
     done = completions(calls)
     if len(done) < 2:
@@ -182,11 +211,12 @@ def percentile(values: Sequence[float], q: float) -> Optional[float]:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
 
 
-def tokens_per_s(calls: Iterable[CallRecord], t0: float, t1: float) -> Optional[float]:
+def tokens_per_s(calls: Calls, t0: float, t1: float) -> Optional[float]:
     """Tokens of successful calls completed in ``(t0, t1]`` per second, None for an empty window."""
     if t1 <= t0:
         return None
-    return sum(c.tokens for c in calls if c.ok and t0 < c.t_end_s <= t1) / (t1 - t0)
+    t = CallTable.of(calls)
+    return float(t.tokens[t.ok & (t.end > t0) & (t.end <= t1)].sum()) / (t1 - t0)
 
 
 def _first_after(marks: Sequence[EventMark], kind: str, t: float) -> Optional[float]:
@@ -194,12 +224,8 @@ def _first_after(marks: Sequence[EventMark], kind: str, t: float) -> Optional[fl
     return min(times) if times else None
 
 
-def _overlaps(c: CallRecord, a: float, b: float) -> bool:
-    return c.t_start_s <= b and c.t_end_s >= a
-
-
-def _log_end(calls: Sequence[CallRecord], marks: Sequence[EventMark]) -> float:
-    return max([c.t_end_s for c in calls] + [m.t_s for m in marks])
+def _log_end(t: CallTable, marks: Sequence[EventMark]) -> float:
+    return max([float(t.end.max())] * bool(len(t.end)) + [m.t_s for m in marks])
 
 
 @dataclass(frozen=True)
@@ -213,26 +239,26 @@ class KillStats:
     window_end_s: float
     recovered: bool  # a call started after the kill was served
     gap: Gap
-    calls: int  # calls overlapping the kill window
+    calls: int  # calls touching the kill window
     failed_calls: int
-    latency_p50_s: Optional[float]
+    latency_p50_s: Optional[float]  # of the successful calls touching the window
     latency_p99_s: Optional[float]
 
 
-def kill_stats(calls: Sequence[CallRecord], marks: Sequence[EventMark], kill: EventMark) -> KillStats:
+def kill_stats(calls: Calls, marks: Sequence[EventMark], kill: EventMark) -> KillStats:
     """Measure the serving gap, failures and latency in one kill's window."""
-    k = kill.t_s
-    fresh = [c.t_end_s for c in calls if c.ok and c.t_start_s >= k]
+    t, k = CallTable.of(calls), kill.t_s
+    fresh = t.end[t.ok & (t.start >= k)]
     commit = _first_after(marks, "commit", k)
     detect = _first_after(marks, "detect", k)
-    recovered = bool(fresh)
+    recovered = bool(len(fresh))
     if recovered:
-        end = max(min(fresh), commit if commit is not None else -np.inf)
+        end = max(float(fresh.min()), commit if commit is not None else -np.inf)
     else:
-        end = max(_log_end(calls, marks), k)
-    done = completions(calls)
-    before = done[done <= k]
-    seq = np.concatenate([[before[-1] if len(before) else k], done[done > k]])
+        end = max(_log_end(t, marks), k)
+    cut = int(np.searchsorted(t.done, k, side="right"))  # t.done[:cut] <= k < t.done[cut:]
+    last = int(np.searchsorted(t.done, end, side="left"))  # t.done[last] is the first completion >= end
+    seq = np.concatenate([[t.done[cut - 1] if cut else k], t.done[cut:last + 1]])
     if not recovered or seq[-1] < end:
         seq = np.append(seq, end)  # open gap: nothing was served up to the window's end
     # the interval (seq[i], seq[i+1]) overlaps (k, end) when seq[i] < end (seq[i+1] > k holds by construction)
@@ -240,14 +266,14 @@ def kill_stats(calls: Sequence[CallRecord], marks: Sequence[EventMark], kill: Ev
     lengths = np.where(starts < end, ends - starts, -1.0)
     i = int(np.argmax(lengths)) if len(lengths) else 0
     gap = Gap(float(starts[i]), float(ends[i])) if len(lengths) and lengths[i] >= 0 else Gap(float(end), float(end))
-    inside = [c for c in calls if _overlaps(c, k, end)]
-    lat = [c.latency_s for c in inside if c.ok]
+    inside = t.touching(k, end)
+    lat = (t.end - t.start)[inside & t.ok]
     return KillStats(
         t_kill_s=k, label=kill.label,
         detect_after_s=None if detect is None else detect - k,
         commit_after_s=None if commit is None else commit - k,
         window_end_s=float(end), recovered=recovered, gap=gap,
-        calls=len(inside), failed_calls=sum(not c.ok for c in inside),
+        calls=int(inside.sum()), failed_calls=int((inside & ~t.ok).sum()),
         latency_p50_s=percentile(lat, 50), latency_p99_s=percentile(lat, 99),
     )
 
@@ -273,9 +299,18 @@ def rebalance_windows(marks: Sequence[EventMark], log_end_s: float) -> list[tupl
     return out
 
 
+def steady_mask(calls: Calls, windows: Sequence[tuple[float, float]], margin_s: float = 0.0) -> np.ndarray:
+    """[num_calls] bool: the call touches no window widened by ``margin_s`` on each side."""
+    t = CallTable.of(calls)
+    busy = np.zeros(len(t.start), dtype=bool)
+    for a, b in windows:
+        busy |= t.touching(a - margin_s, b + margin_s)
+    return ~busy
+
+
 def steady_calls(calls: Sequence[CallRecord], windows: Sequence[tuple[float, float]], margin_s: float = 0.0) -> list[CallRecord]:
     """Calls touching no window widened by ``margin_s`` on each side."""
-    return [c for c in calls if not any(_overlaps(c, a - margin_s, b + margin_s) for a, b in windows)]
+    return [c for c, steady in zip(calls, steady_mask(calls, windows, margin_s)) if steady]
 
 
 def _union_length(windows: Sequence[tuple[float, float]], lo: float, hi: float) -> float:
@@ -291,17 +326,20 @@ def _union_length(windows: Sequence[tuple[float, float]], lo: float, hi: float) 
     return total + (0.0 if cur_b is None else cur_b - cur_a)
 
 
-def steady_tokens_per_s(calls: Sequence[CallRecord], windows: Sequence[tuple[float, float]], margin_s: float = 0.0) -> Optional[float]:
+def steady_tokens_per_s(calls: Calls, windows: Sequence[tuple[float, float]], margin_s: float = 0.0) -> Optional[float]:
     """Tokens/s completed outside every (widened) window over the log's span less the windows' union."""
-    if not calls:
+    t = CallTable.of(calls)
+    if not len(t.start):
         return None
-    lo, hi = min(c.t_start_s for c in calls), max(c.t_end_s for c in calls)
+    lo, hi = float(t.start.min()), float(t.end.max())
     wide = [(a - margin_s, b + margin_s) for a, b in windows]
     span = (hi - lo) - _union_length(wide, lo, hi)
     if span <= 0:
         return None
-    tokens = sum(c.tokens for c in calls if c.ok and not any(a < c.t_end_s <= b for a, b in wide))
-    return tokens / span
+    counted = t.ok.copy()
+    for a, b in wide:
+        counted &= ~((t.end > a) & (t.end <= b))
+    return float(t.tokens[counted].sum()) / span
 
 
 @dataclass(frozen=True)
@@ -347,33 +385,34 @@ def summarize(calls: Sequence[CallRecord], marks: Sequence[EventMark] = (), *, m
         raise ServingStatsError("no calls to summarize: the serving log is empty")
     if margin_s < 0:
         raise ServingStatsError(f"margin_s={margin_s} is negative")
-    calls = sorted(calls, key=lambda c: (c.t_start_s, c.t_end_s))
+    calls = list(calls)
+    table = CallTable.of(calls)
     marks = sorted(marks, key=lambda m: m.t_s)
-    end = _log_end(calls, marks)
-    t0 = min([calls[0].t_start_s] + [m.t_s for m in marks])
-    kills = tuple(kill_stats(calls, marks, m) for m in marks if m.kind == "kill")
+    end = _log_end(table, marks)
+    t0 = min([float(table.start.min())] + [m.t_s for m in marks])
+    kills = tuple(kill_stats(table, marks, m) for m in marks if m.kind == "kill")
     rebs = rebalance_windows(marks, end)
     windows = [(k.t_kill_s, k.window_end_s) for k in kills] + [(a, b) for a, b, _, _ in rebs]
-    steady = steady_calls(calls, windows, margin_s)
-    steady_lat = [c.latency_s for c in steady if c.ok]
-    steady_tps = steady_tokens_per_s(calls, windows, margin_s)
+    steady = steady_mask(table, windows, margin_s)
+    steady_lat = (table.end - table.start)[steady & table.ok]
+    steady_tps = steady_tokens_per_s(table, windows, margin_s)
     failed: dict[str, int] = {}
     for c in calls:
         if not c.ok:
             failed[c.error] = failed.get(c.error, 0) + 1
     reb_stats = []
     for a, b, label, committed in rebs:
-        tps = tokens_per_s(calls, a, b)
+        tps = tokens_per_s(table, a, b)
         ratio = tps / steady_tps if tps is not None and steady_tps else None
         reb_stats.append(WindowThroughput(a, b, label, committed, tps, ratio))
-    ok = [c for c in calls if c.ok]
+    n_ok = int(table.ok.sum())
     return ServingSummary(
-        t0_s=t0, span_s=end - t0, calls=len(calls), ok_calls=len(ok), failed_calls=len(calls) - len(ok),
+        t0_s=t0, span_s=end - t0, calls=len(calls), ok_calls=n_ok, failed_calls=len(calls) - n_ok,
         failed_by_kind=tuple(sorted(failed.items())),
         checked_calls=sum(c.wrong is not None for c in calls), wrong_calls=sum(c.wrong is True for c in calls),
-        tokens_served=sum(c.tokens for c in ok), retried_tokens=sum(c.retried_tokens for c in calls),
+        tokens_served=int(table.tokens[table.ok].sum()), retried_tokens=sum(c.retried_tokens for c in calls),
         degraded_tokens=sum(c.degraded_tokens for c in calls), dropped_calls=dropped_calls,
-        longest_gap=longest_gap(calls), steady_calls=len(steady),
+        longest_gap=longest_gap(table), steady_calls=int(steady.sum()),
         steady_p50_s=percentile(steady_lat, 50), steady_p99_s=percentile(steady_lat, 99),
         steady_tokens_per_s=steady_tps, kills=kills, rebalances=tuple(reb_stats),
     )

@@ -25,7 +25,9 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .serving_stats import CallRecord, EventMark, Gap, ServingLog, ServingStatsError, completion_gaps, summarize  # noqa: E402
+from .serving_stats import (  # noqa: E402
+    CallRecord, EventMark, Gap, ServingLog, ServingStatsError, ServingSummary, completion_gaps, summarize,
+)
 
 MARK_STYLE = {  # kind -> (colour, line style, legend text)
     "kill": ("#d62728", "-", "kill"),
@@ -66,8 +68,7 @@ def _shade_gap(axes, gap: Gap, t0: float, text: Optional[str], strong: bool) -> 
 
 
 def _draw(calls, marks, path: Path, title: str, bin_s: Optional[float], window: Optional[tuple[float, float]],
-          margin_s: float) -> Path:
-    s = summarize(calls, marks, margin_s=margin_s)
+          s: ServingSummary) -> Path:
     t0 = s.t0_s
     lo, hi = window if window is not None else (t0, t0 + s.span_s)
     shown = [c for c in calls if c.t_end_s >= lo and c.t_start_s <= hi] or calls
@@ -167,7 +168,7 @@ def write_timeline(log_or_records: Union[ServingLog, Sequence[CallRecord]], mark
     calls, marks = _inputs(log_or_records, marks)
     if window is not None and not window[1] > window[0]:
         raise ServingStatsError(f"window {window} must run forwards in time")
-    return _draw(calls, marks, Path(path), title, bin_s, window, margin_s)
+    return _draw(calls, marks, Path(path), title, bin_s, window, summarize(calls, marks, margin_s=margin_s))
 
 
 def write_recovery_timelines(log_or_records: Union[ServingLog, Sequence[CallRecord]], marks: Optional[Sequence[EventMark]],
@@ -175,10 +176,11 @@ def write_recovery_timelines(log_or_records: Union[ServingLog, Sequence[CallReco
                              max_figures: int = 20, bin_s: Optional[float] = None) -> list[Path]:
     """One PNG per kill (the first ``max_figures``): ``folder/recovery-000.png``, ... cropped to the kill window +- pad_s."""
     calls, marks = _inputs(log_or_records, marks)
-    kills = summarize(calls, marks).kills[:max_figures]
+    summary = summarize(calls, marks)
+    kills = summary.kills[:max_figures]
     out = []
     for i, k in enumerate(kills):
         window = (k.t_kill_s - pad_s, k.window_end_s + pad_s)
         name = f"{title} {i + 1} of {len(kills)}" + (f" ({k.label})" if k.label else "")
-        out.append(_draw(calls, marks, Path(folder) / f"recovery-{i:03d}.png", name, bin_s, window, 0.0))
+        out.append(_draw(calls, marks, Path(folder) / f"recovery-{i:03d}.png", name, bin_s, window, summary))
     return out

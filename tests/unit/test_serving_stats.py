@@ -1,7 +1,10 @@
 """Serving statistics: hand-worked streams with exact numbers, invariants under hypothesis, bad input."""
 
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,6 +281,15 @@ def test_kill_gap_overlaps_its_window_and_is_bounded_by_the_longest_gap(calls, k
     done = [c.t_end_s for c in calls if c.ok]
     if kill.recovered and kill.gap.start_s in done and kill.gap.end_s in done and s.longest_gap is not None:
         assert kill.gap.length_s <= s.longest_gap.length_s
+    # the same length from the definition read pointwise: the gap around each moment t of (k, end)
+    # runs from the last completion <= t (the kill itself if none) to the next one > t (the window's end if none)
+    end = kill.window_end_s
+    points = sorted({k, end, *[d for d in done if k < d < end]})
+    mids = [(a + b) / 2 for a, b in zip(points, points[1:])]
+    ref = max((min([d for d in done if d > t], default=end) - max([d for d in done if d <= t], default=k) for t in mids), default=0.0)
+    if not mids and not kill.recovered:  # a kill at the log's very end: the open gap from the last completion
+        ref = end - max([d for d in done if d <= k], default=k)
+    assert kill.gap.length_s == pytest.approx(ref)
     assert kill.failed_calls <= kill.calls <= len(calls)
     assert s.ok_calls + s.failed_calls == s.calls == len(calls)
     if kill.latency_p50_s is not None:
@@ -301,3 +313,13 @@ def test_tokens_split_exactly_between_disjoint_windows_and_steady_state(calls, c
     covered = sum(min(b, hi) - max(a, lo) for a, b in windows if min(b, hi) > max(a, lo))
     if s.steady_tokens_per_s is not None:
         assert s.steady_tokens_per_s * ((hi - lo) - covered) == pytest.approx(outside)
+
+
+def test_the_pure_modules_import_neither_ray_nor_torch():
+    code = ("import sys\nimport elastic_ep.serving_stats, elastic_ep.degraded\n"
+            "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
