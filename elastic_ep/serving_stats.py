@@ -139,8 +139,9 @@ class ServingLog:
             return self.calls_seen - len(self._calls)
 
     def summary(self, margin_s: float = 0.0) -> "ServingSummary":
-        calls, marks = self.snapshot()
-        return summarize(calls, marks, margin_s=margin_s, dropped_calls=self.dropped)
+        with self._lock:  # one consistent view: the calls, the marks and what the ring dropped before them
+            calls, marks, dropped = tuple(self._calls), tuple(self._marks), self.calls_seen - len(self._calls)
+        return summarize(calls, marks, margin_s=margin_s, dropped_calls=dropped)
 
 
 # -- pure measures ------------------------------------------------------------------------------

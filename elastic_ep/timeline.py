@@ -61,8 +61,11 @@ def _shade_gap(axes, gap: Gap, t0: float, text: Optional[str], strong: bool) -> 
         ax.axvspan(gap.start_s - t0, gap.end_s - t0, color="#d62728", alpha=0.28 if strong else 0.14, lw=0, zorder=0)
     if text:
         top = axes[0]
-        top.annotate(text, xy=((gap.start_s + gap.end_s) / 2 - t0, 0.5), xycoords=("data", "axes fraction"),
-                     xytext=(8, 0), textcoords="offset points", ha="left", va="center", fontsize=11,
+        lo, hi = top.get_xlim()
+        mid = (gap.start_s + gap.end_s) / 2 - t0
+        right = mid < lo + 0.6 * (hi - lo)  # label on the side with room, never past the frame
+        top.annotate(text, xy=(mid, 0.5), xycoords=("data", "axes fraction"), xytext=(8 if right else -8, 0),
+                     textcoords="offset points", ha="left" if right else "right", va="center", fontsize=11,
                      fontweight="bold" if strong else "normal", color="#a01010",
                      bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="#d62728", alpha=0.9))
 
@@ -90,17 +93,17 @@ def _draw(calls, marks, path: Path, title: str, bin_s: Optional[float], window: 
     top.set_ylim(0, max(rate.max(), s.steady_tokens_per_s or 0) * 1.3 or 1)
 
     # Step 2: latency of each call at its completion; failures stand out
-    good = [c for c in shown if c.ok and not (c.retried_tokens or c.degraded_tokens)]
-    helped = [c for c in shown if c.ok and (c.retried_tokens or c.degraded_tokens)]
-    bad = [c for c in shown if not c.ok]
-    bottom.scatter([c.t_end_s - t0 for c in good], [c.latency_s * 1e3 for c in good], s=7, color="#1f77b4",
-                   alpha=0.6, lw=0, label="served call")
-    if helped:
-        bottom.scatter([c.t_end_s - t0 for c in helped], [c.latency_s * 1e3 for c in helped], s=45, color="#ff7f0e",
-                       marker="D", edgecolors="k", lw=0.6, label=f"served with retried/degraded tokens ({len(helped)})")
-    if bad:
-        bottom.scatter([c.t_end_s - t0 for c in bad], [c.latency_s * 1e3 for c in bad], s=40, color="#d62728",
-                       marker="x", lw=1.5, label=f"failed call ({len(bad)})")
+    helped = lambda c: bool(c.retried_tokens or c.degraded_tokens)  # noqa: E731
+    kinds = [  # (which calls, legend text, marker style)
+        ([c for c in shown if c.ok and not helped(c)], "served call", dict(s=7, color="#1f77b4", alpha=0.6, lw=0)),
+        ([c for c in shown if c.ok and helped(c)], "served with retried/degraded tokens",
+         dict(s=45, color="#ff7f0e", marker="D", edgecolors="k", lw=0.6)),
+        ([c for c in shown if not c.ok], "failed call", dict(s=40, color="#d62728", marker="x", lw=1.5)),
+    ]
+    for group, text, style in kinds:
+        if group or text == "served call":
+            label = text if text == "served call" else f"{text} ({len(group)})"
+            bottom.scatter([c.t_end_s - t0 for c in group], [c.latency_s * 1e3 for c in group], label=label, **style)
     lat = [c.latency_s * 1e3 for c in shown if c.latency_s > 0]
     if lat and max(lat) / min(lat) > 20:
         bottom.set_yscale("log")
@@ -109,16 +112,17 @@ def _draw(calls, marks, path: Path, title: str, bin_s: Optional[float], window: 
     bottom.set_xlabel("time since the stream started (s); latency drawn at each call's completion")
 
     # Step 3: gaps and rebalance windows, then the marks on top
-    gaps = {(k.gap.start_s, k.gap.end_s): k.gap for k in s.kills if k.gap.length_s > 0}
+    top.set_xlim(lo - t0, hi - t0)
+    gaps = {(k.gap.start_s, k.gap.end_s): (k.gap, not k.recovered) for k in s.kills if k.gap.length_s > 0}
     if s.longest_gap is not None:
-        gaps.setdefault((s.longest_gap.start_s, s.longest_gap.end_s), s.longest_gap)
-    longest = max(gaps.values(), key=lambda g: g.length_s, default=None)
-    for g in gaps.values():
+        gaps.setdefault((s.longest_gap.start_s, s.longest_gap.end_s), (s.longest_gap, False))
+    longest = max((g for g, _ in gaps.values()), key=lambda g: g.length_s, default=None)
+    for g, is_open in gaps.values():
         if g.end_s >= lo and g.start_s <= hi:
             strong = g is longest
-            label = f"{'longest gap' if strong else 'gap'} {g.length_s * 1e3:.0f} ms"
+            label = f"{'longest gap' if strong else 'gap'} {g.length_s * 1e3:.0f} ms" + (" (not recovered)" if is_open else "")
             _shade_gap((top, bottom), g, t0, label if strong or len(gaps) <= 6 else None, strong)
-    seen: set[str] = set()
+    seen: set[str] = set()  # legend entries already given
     for r in s.rebalances:
         if r.t_end_s >= lo and r.t_start_s <= hi:
             for ax in (top, bottom):
@@ -140,7 +144,6 @@ def _draw(calls, marks, path: Path, title: str, bin_s: Optional[float], window: 
             if m.kind == "kill" and m.label:
                 top.annotate(m.label, xy=(m.t_s - t0, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 3),
                              textcoords="offset points", ha="center", va="bottom", fontsize=9, color=colour)
-    top.set_xlim(lo - t0, hi - t0)
     for ax in (top, bottom):  # legends beside the plots, never over the data
         ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, framealpha=0.9)
     for ax in (top, bottom):

@@ -84,3 +84,14 @@ def test_empty_input_and_a_backward_window_are_refused(tmp_path):
     with pytest.raises(ServingStatsError, match=r"window \(2.0, 1.0\) must run forwards"):
         write_timeline([CallRecord(0, 1, 1)], [], tmp_path / "x.png", window=(2.0, 1.0))
     assert not (tmp_path / "x.png").exists()
+
+
+def test_an_unrecovered_kill_is_drawn_as_an_open_gap(tmp_path):
+    calls, marks = synthetic_stream(seed=2).snapshot()
+    calls = [c for c in calls if c.t_end_s < 5.0]
+    calls += [CallRecord(5.0 + 0.05 * i, 5.04 + 0.05 * i, 128, ok=False, error="ExpertsLostError") for i in range(10)]
+    marks = list(marks) + [EventMark(5.0, "kill", "rank 0 (last copy)")]
+    s = summarize(calls, marks)
+    assert not s.kills[1].recovered and s.kills[1].gap.end_s == pytest.approx(5.49)
+    img = _check_png(write_timeline(calls, marks, tmp_path / "open.png", title="Second kill loses the last copy"))
+    assert _has_colour(img, (0.839, 0.153, 0.157))
