@@ -9,9 +9,11 @@ cropped figure shows the same numbers as the JSON summary.
 Top panel: tokens of successful calls per second, binned by completion time
 (bin width ``bin_s``, default the larger of span/240 and 8 median completion
 gaps, so a steady stream reads as a flat line), with the steady level dashed.
-Bottom panel: each call's latency at its completion time; failed calls are red
-crosses. Kill gaps are shaded red (the longest also labelled in the top panel),
-rebalance windows purple with their throughput against steady state.
+Bottom panel: each call's latency at its completion time; calls served with
+retried or degraded tokens are orange diamonds, failed calls red crosses. Kill
+gaps are shaded red and labelled with their length (the longest in bold, an
+unrecovered kill's open gap marked so), rebalance windows purple with their mean
+throughput drawn against the steady line.
 """
 
 from __future__ import annotations
