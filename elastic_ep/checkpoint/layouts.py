@@ -84,8 +84,11 @@ class Layout:
         return Layout(self.name, None, None, None, self.fused_gate_up, self.fused_down, self.transposed,
                       self.interleaved)
 
-    def source(self, t: TensorSpec, checkpoint_layer: int, expert: int) -> Source:
-        """Where bundle tensor ``t`` of ``expert`` at ``checkpoint_layer`` lives."""
+    def source(self, t: TensorSpec, checkpoint_layer: int, expert: int, quantized: bool = False) -> Source:
+        """Where bundle tensor ``t`` of ``expert`` at ``checkpoint_layer`` lives.
+
+        Quantized bundles keep the checkpoint's row order (interleaved gate/up stays so, biases too).
+        """
         if self.per_expert:
             stems = (self.gate, self.up) if t.proj == "w13" else (self.down,)
             suffix = PER_EXPERT_SUFFIX[t.part]
@@ -94,7 +97,7 @@ class Layout:
         stem = self.fused_gate_up if t.proj == "w13" else self.fused_down
         name = stem.format(L=checkpoint_layer) + FUSED_SUFFIX[t.part]
         return Source((name,), True, expert, self.transposed and t.part == "weight",
-                      self.interleaved and t.proj == "w13" and t.part in ("weight", "bias"))
+                      self.interleaved and not quantized and t.proj == "w13" and t.part in ("weight", "bias"))
 
 
 def _per(name: str, prefix: str, gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj",

@@ -121,7 +121,8 @@ class CheckpointReader:
     def sources(self, key: ExpertKey) -> list[tuple[TensorSpec, Source]]:
         """Where each bundle tensor of expert ``key`` lives, in format order."""
         ckpt_layer = self.spec.checkpoint_layers[key[0]]
-        return [(t, self.preset.source(t, ckpt_layer, key[1])) for t in self.format.tensors]
+        quantized = self.spec.quant != "none"
+        return [(t, self.preset.source(t, ckpt_layer, key[1], quantized)) for t in self.format.tensors]
 
     def _file_of(self, name: str, t: TensorSpec, key: ExpertKey) -> str:
         file = self.weight_map.get(name)

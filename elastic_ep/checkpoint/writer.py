@@ -93,7 +93,7 @@ def _disk_tensors(spec: ModelSpec, layout: Layout, layer: int, device: str) -> l
     for k, t in enumerate(spec.expert_format.tensors):
         if layout.per_expert:
             for e in range(spec.num_experts):
-                src = layout.source(t, ckpt_layer, e)
+                src = layout.source(t, ckpt_layer, e, spec.quant != "none")
 
                 def make(j, k=k, t=t, e=e, n=len(src.names)):
                     x = _synthetic(t, k, layer, e, spec, device)
@@ -104,7 +104,7 @@ def _disk_tensors(spec: ModelSpec, layout: Layout, layer: int, device: str) -> l
                                                                   else (t.shape[0] // 2, *t.shape[1:]))
                     out.append((name, functools.partial(make, j), shape, t.dtype))
         else:
-            src = layout.source(t, ckpt_layer, 0)
+            src = layout.source(t, ckpt_layer, 0, spec.quant != "none")
 
             def make_fused(k=k, t=t, src=src):
                 xs = []
