@@ -511,6 +511,9 @@ class Controller:
                 "busy": self._busy.is_set(),
                 "load_reports": len(self.window),
                 "history": self.history[-10:],
+                # shared experts stay with the serving engine: reported, never moved or verified here
+                "shared_experts": {"per_layer": self.spec.shared_experts, "managed": False},
+                "expert_format": {t.name: [t.dtype, list(t.shape)] for t in self.spec.expert_format.tensors},
             }
 
     def arm_fault(self, phase: str, delay_s: float = 0.0) -> None:

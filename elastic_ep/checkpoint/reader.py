@@ -143,10 +143,10 @@ class CheckpointReader:
                                   f"the model has {self.spec.num_experts}")
         if shape != want:
             raise CheckpointError(f"tensor {name!r} in {file!r} has shape {shape}, the model spec needs {want} "
-                                  f"(bundle tensor {t.name})")
+                                  f"for bundle tensor {t.name}")
         if dtype != DTYPES[t.dtype][1]:
             raise CheckpointError(f"tensor {name!r} in {file!r} has dtype {dtype}, the model spec needs "
-                                  f"{DTYPES[t.dtype][1]} ({t.dtype}, bundle tensor {t.name})")
+                                  f"{DTYPES[t.dtype][1]} ({t.dtype}) for bundle tensor {t.name}")
 
     def _read(self, keys: Iterable[ExpertKey], device: str, place: Callable[[ExpertKey, str, torch.Tensor], None],
               data: bool = True) -> None:
