@@ -67,6 +67,8 @@ def test_real_checkpoint_starts_rebalances_survives_sigkill_and_verifies(ray_loc
         assert cluster.verify(against_checkpoint=True)["ok"]
 
         st = cluster.status()
+        assert st["shared_experts"]["managed"] is False
+        assert list(st["expert_format"]) == list(spec.expert_format.names)  # e.g. w13, w13_scale_inv, w2, ...
         victim = st["ranks"].get(1, st["ranks"].get("1"))
         os.kill(_worker_pid(cluster, victim), signal.SIGKILL)  # as the world kills: from outside, no warning
         st = cluster.wait_healthy(timeout_s=120)
