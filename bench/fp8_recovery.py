@@ -2,8 +2,10 @@
 
 Each expert is DeepSeek-V3's (hidden 7168, intermediate 2048): FP8 e4m3 w13/w2 with
 float32 ``weight_scale_inv`` per 128x128 block, ~44 MB per expert, moved as one bundle.
-One GPU: a rank and its hot spare share it (``gpu_fractions=(0.5, 0.5)``). Prints a
-table (bytes moved and rate against the host-to-device ceiling) and writes JSON.
+One GPU: a rank and its hot spare share it (``gpu_fractions=(0.5, 0.5)``; NCCL allows no two
+ranks on one GPU, and a rank holds each expert at most once, so the rank holds every expert
+once and a rebalance has nothing to move: it is reported, and the recovery is the measure).
+Prints a table (bytes moved and rate against the host-to-device ceiling) and writes JSON.
 
     python -m bench.fp8_recovery --json $OUT/fp8_recovery.json               # on a GPU host
     python -m bench.fp8_recovery --device cpu --layers 1 --experts 8 --hidden 256 --intermediate 256
@@ -76,7 +78,7 @@ def run(args) -> dict:
                      intermediate=args.intermediate, first_layer=3, quant="fp8", block=(args.block, args.block))
     fmt = spec.expert_format
     folder = checkpoint(args, spec)
-    slots = args.experts + args.redundant
+    slots = args.experts  # one rank: each expert once (a rank never holds an expert twice)
     rank_bytes = spec.num_layers * slots * spec.expert_bytes
     result = {"device": args.device, "card": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
               "layers": spec.num_layers, "experts": spec.num_experts, "slots_per_rank": slots,
@@ -125,8 +127,8 @@ def print_table(r: dict) -> None:
     print(f"{'step':40s} {'seconds':>9s} {'GB moved':>9s} {'GB/s':>7s} {'of ceiling':>10s}")
     ceiling = r["ceiling_h2d_GBps"]
     print(f"{'ceiling: host-to-device copy':40s} {'':>9s} {'':>9s} {ceiling:7.2f} {'100%':>10s}")
-    rows = [("rebalance (load-driven)", reb.get("total_s"), _moved(reb) + reb.get("plan", {}).get("copies", 0)
-             * r["expert_MB"] * 1e6),
+    rows = [("rebalance (load-driven)" + (", nothing to move" if reb.get("noop") else ""), reb.get("total_s"),
+             _moved(reb) + reb.get("plan", {}).get("copies", 0) * r["expert_MB"] * 1e6),
             ("kill -> healthy (SIGKILL, hot spare)", r["kill_to_healthy_s"], _moved(rec))]
     transfer = rec.get("phases", {}).get("transfer")
     if transfer:
@@ -144,7 +146,6 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--layers", type=int, default=4, help="MoE layers")
     p.add_argument("--experts", type=int, default=64, help="routed experts per layer")
-    p.add_argument("--redundant", type=int, default=8, help="extra slots on the rank")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--intermediate", type=int, default=2048)
     p.add_argument("--block", type=int, default=128, help="FP8 scale block (square)")

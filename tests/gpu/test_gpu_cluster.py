@@ -110,7 +110,11 @@ def test_nccl_fp8_bundles_move_with_their_scales(ray_gpu, tmp_path_factory):
         victim = c.status()["ranks"].get(1, c.status()["ranks"].get("1"))
         handle = ray.get_actor(f"{c.prefix}-{victim}", namespace=ray.get_runtime_context().namespace)
         os.kill(ray.get(handle.ping.remote(), timeout=60)["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while victim in c.status()["ranks"].values() and victim not in c.status()["dead"]:
+            assert time.monotonic() < deadline, f"{victim}'s death not noticed"
+            time.sleep(0.2)
         st = c.wait_healthy(timeout_s=300)
-        assert victim in st["dead"]
+        assert st["ranks"].get(1, st["ranks"].get("1")) != victim
         ver = c.verify(against_checkpoint=True)
         assert ver["ok"], ver
