@@ -106,6 +106,10 @@ def run(args) -> dict:
             victim = next(iter(st["ranks"].values()))
             t_kill = time.perf_counter()
             os.kill(worker_pid(cluster, victim), signal.SIGKILL)
+            while victim in cluster.status()["ranks"].values() and victim not in cluster.status()["dead"]:
+                if time.perf_counter() - t_kill > 120:
+                    raise TimeoutError(f"the controller did not notice {victim}'s death")
+                time.sleep(0.05)
             st = cluster.wait_healthy(timeout_s=600)
             result["kill_to_healthy_s"] = time.perf_counter() - t_kill
             result["recover"] = next(h for h in reversed(st["history"]) if h["reason"] == "recover")
