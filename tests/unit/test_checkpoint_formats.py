@@ -93,6 +93,15 @@ def test_int4_pack_quantized_bundle(tmp_path):
     assert got["w13_shape"].tolist() == [[32, 64], [32, 64]] and got["w2_shape"].tolist() == [64, 32]
     assert torch.equal(got["w13_scale"], torch.cat([files[f"{stem}.gate_proj.weight_scale"],
                                                     files[f"{stem}.up_proj.weight_scale"]]))
+    # some quantizers write weight_shape as int32: read as the same int64 values
+    from safetensors.torch import load_file, save_file
+
+    shard = folder / "model.safetensors"
+    tensors = load_file(shard)
+    tensors[f"{stem}.gate_proj.weight_shape"] = tensors[f"{stem}.gate_proj.weight_shape"].to(torch.int32)
+    save_file(tensors, shard)
+    again = CheckpointReader(folder, INT4, "qwen").read_bundles([(1, 0)])[(1, 0)]
+    assert again["w13_shape"].dtype == torch.int64 and again["w13_shape"].tolist() == [[32, 64], [32, 64]]
     config = {"model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 32, "hidden_size": 64,
               "num_hidden_layers": 2, "quantization_config": {
                   "quant_method": "compressed-tensors", "format": "pack-quantized",
