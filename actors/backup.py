@@ -8,23 +8,16 @@ import numpy as np
 import ray
 import torch
 
-_BITS = {2: torch.int16, 4: torch.int32}
 INGEST_CHUNK_BYTES = 1 << 30  # bytes of experts a worker exports per call while backups are made
-_FLOAT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def to_host_array(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's raw bits as a numpy array (bf16 has no numpy dtype)."""
-    return t.contiguous().view(_BITS[t.element_size()]).numpy()
-
-
-def from_host_array(a: np.ndarray, dtype: str) -> torch.Tensor:
-    """Inverse of ``to_host_array``, zero-copy (read-only memory stays read-only: copy before writing)."""
+def from_host_array(a: np.ndarray) -> torch.Tensor:
+    """An expert's byte row from the object store as a CPU tensor, zero-copy (read-only: copy before writing)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # non-writable buffers from the object store are fine to read
-        return torch.from_numpy(a).view(_FLOAT[dtype])
+        return torch.from_numpy(a)
 
 
 class BackupStore:
@@ -60,11 +53,11 @@ class BackupStore:
         for i in range(len(chunks)):
             exported = ray.get(pending, timeout=timeout_s)
             pending = worker.export_experts.remote(chunks[i + 1]) if i + 1 < len(chunks) else None
-            for layer, expert, w13, w2 in exported:
+            for layer, expert, row in exported:  # row: the expert's whole bundle, uint8 bytes
                 key = (int(layer), int(expert))
                 # Put by this actor, so owned by it: readers map them zero-copy from shared memory.
-                self._refs[key] = ray.put((w13, w2))
-                self._sizes[key] = w13.nbytes + w2.nbytes
+                self._refs[key] = ray.put(row)
+                self._sizes[key] = row.nbytes
                 added += self._sizes[key]
             del exported
         return added

@@ -235,42 +235,12 @@ class Controller:
         corrupted files, names escaping the folder), and each expert tensor's presence,
         shape and dtype against the model spec. Raises CheckpointError naming the value.
         """
-        from safetensors import safe_open
-
-        from elastic_ep.storage import CheckpointReader
+        from elastic_ep.checkpoint import CheckpointReader
 
         if self.cfg.checkpoint is None:
             raise CheckpointError("ClusterConfig.checkpoint is None: the first weights are loaded from a checkpoint")
-        spec = self.spec
-        reader = CheckpointReader(self.cfg.checkpoint, spec, self.cfg.preset)
-        reader.validate()  # every expert tensor is named by the index
-        want_dtype = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[spec.dtype]
-        shapes = ((spec.intermediate, spec.hidden), (spec.intermediate, spec.hidden), (spec.hidden, spec.intermediate))
-        by_file: dict[str, list] = {}
-        for layer in range(spec.num_layers):
-            for expert in range(spec.num_experts):
-                for name, shape in zip(reader.preset.tensor_names(spec.first_layer + layer, expert), shapes):
-                    by_file.setdefault(reader.weight_map[name], []).append((name, shape))
-        for file, tensors in sorted(by_file.items()):
-            try:
-                with safe_open(str(reader.paths[file]), framework="pt", device="cpu") as f:
-                    present = set(f.keys())
-                    for name, shape in tensors:
-                        if name not in present:
-                            raise CheckpointError(f"tensor {name!r} is listed in the index but missing from {file!r}")
-                        sl = f.get_slice(name)
-                        got_shape, got_dtype = tuple(sl.get_shape()), sl.get_dtype()
-                        if got_shape != shape:
-                            raise CheckpointError(f"tensor {name!r} in {file!r} has shape {got_shape}, the model "
-                                                  f"spec needs {shape}")
-                        if got_dtype != want_dtype:
-                            raise CheckpointError(f"tensor {name!r} in {file!r} has dtype {got_dtype}, the model "
-                                                  f"spec needs {want_dtype} ({spec.dtype})")
-            except CheckpointError:
-                raise
-            except Exception as exc:  # safetensors' own errors: truncated, corrupted header, unreadable
-                raise CheckpointError(f"cannot read shard {file!r} in {str(reader.root)!r} (truncated or "
-                                      f"corrupted?): {type(exc).__name__}: {exc}") from exc
+        # every tensor of every expert's bundle (scales and biases included): named, present, shape, dtype
+        CheckpointReader(self.cfg.checkpoint, self.spec, self.cfg.preset).validate()
 
     def _wait_started(self, wids: list[str]) -> None:
         refs = {wid: self.handles[wid].ping.remote() for wid in wids}
@@ -541,6 +511,9 @@ class Controller:
                 "busy": self._busy.is_set(),
                 "load_reports": len(self.window),
                 "history": self.history[-10:],
+                # shared experts stay with the serving engine: reported, never moved or verified here
+                "shared_experts": {"per_layer": self.spec.shared_experts, "managed": False},
+                "expert_format": {t.name: [t.dtype, list(t.shape)] for t in self.spec.expert_format.tensors},
             }
 
     def arm_fault(self, phase: str, delay_s: float = 0.0) -> None:
@@ -732,14 +705,9 @@ class Controller:
                     "num_bad": len(bad), "ranks_unreachable": missing, "epoch": self.epoch}
 
     def _checkpoint_fingerprints(self) -> np.ndarray:
-        from elastic_ep.storage import CheckpointReader, fingerprint_stacked
+        from elastic_ep.checkpoint import CheckpointReader
 
-        reader = CheckpointReader(self.cfg.checkpoint, self.spec, self.cfg.preset)
-        out = np.zeros((self.spec.num_layers, self.spec.num_experts), dtype=np.int64)
-        for layer in range(self.spec.num_layers):
-            w13, w2 = reader.read_layer_slots(layer, list(range(self.spec.num_experts)))
-            out[layer] = fingerprint_stacked(w13, w2)
-        return out
+        return CheckpointReader(self.cfg.checkpoint, self.spec, self.cfg.preset).fingerprints()
 
     def shutdown(self) -> None:
         self._stop.set()

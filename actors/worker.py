@@ -16,7 +16,7 @@ from elastic_ep.errors import CheckpointError, ExpertsLostError, TransferError
 from elastic_ep.executor import ExpertWeights, StagedUpdate, commit, execute_rank_plan, warm_up
 from elastic_ep.faults import WORKER_PHASES, FaultInjector
 from elastic_ep.plan import RankPlan
-from elastic_ep.storage import CheckpointReader, fingerprint_stacked, torch_dtype
+from elastic_ep.checkpoint import CheckpointReader
 
 
 class ExpertWorker:
@@ -35,7 +35,7 @@ class ExpertWorker:
         slots_per_rank: int,
         device: str = "cpu",
         checkpoint: Optional[str] = None,
-        preset: str = "deepseek",
+        preset="deepseek",
         staging_reserve: float = 0.0,
     ):
         from elastic_ep.transport import register_backends
@@ -52,13 +52,9 @@ class ExpertWorker:
         self._reader: Optional[CheckpointReader] = None
         self.rank: Optional[int] = None
         self.epoch = -1
-        dtype = torch_dtype(spec)
         shape = (spec.num_layers, slots_per_rank)
-        self.weights = ExpertWeights(
-            w13=torch.zeros(shape + spec.w13_shape, dtype=dtype, device=self.device),
-            w2=torch.zeros(shape + spec.w2_shape, dtype=dtype, device=self.device),
-            experts=np.full(shape, -1, dtype=np.int64),
-        )
+        # Every slot holds its expert's whole bundle (weights, scales, biases) as one byte row.
+        self.weights = ExpertWeights.zeros(spec.expert_format, spec.num_layers, slots_per_rank, self.device)
         warm_up(self.weights)  # no lazy kernel loading on a recovery's critical path
         self._staged: Optional[StagedUpdate] = None
         self._reserved = 0  # bytes of staging already taken into torch's allocator cache
@@ -77,10 +73,10 @@ class ExpertWorker:
         torch keeps the freed block cached, so later staging buffers are carved from it
         instead of calling cudaMalloc on the critical path (tens of ms per GB).
         """
-        want = int(fraction * (self.weights.w13.numel() + self.weights.w2.numel()))
+        want = int(fraction * self.weights.rows.numel())
         if self.device.type != "cuda" or want <= self._reserved:
             return
-        block = torch.empty(want, dtype=self.weights.w13.dtype, device=self.device)
+        block = torch.empty(want, dtype=torch.uint8, device=self.device)
         del block
         self._reserved = want
 
@@ -146,9 +142,8 @@ class ExpertWorker:
         reader = self._checkpoint_reader()
         t0 = time.perf_counter()
         for layer in range(self.spec.num_layers):
-            w13, w2 = reader.read_layer_slots(layer, experts[layer].tolist(), device=str(self.device))
-            self.weights.w13[layer].copy_(w13)
-            self.weights.w2[layer].copy_(w2)
+            self.weights.rows[layer].copy_(reader.read_layer_slots(layer, experts[layer].tolist(),
+                                                                    device=str(self.device)))
         self.weights.experts[:] = experts
         self.rank = int(rank)
         self.epoch = int(epoch)
@@ -159,20 +154,17 @@ class ExpertWorker:
         }
 
     def export_experts(self, keys: list[tuple[int, int]]) -> list:
-        """Host copies of some experts this worker holds: [(layer, expert, w13_bits, w2_bits)].
+        """Host copies of some experts this worker holds: [(layer, expert, row)].
 
-        The arrays are raw bits (numpy has no bf16), which Ray ships zero-copy.
+        Each row is the expert's whole bundle as uint8 bytes, which Ray ships zero-copy.
         """
-        from actors.backup import to_host_array
-
         out = []
         for layer, expert in keys:
             slots = np.nonzero(self.weights.experts[int(layer)] == int(expert))[0]
             if not len(slots):
                 raise ValueError(f"worker {self.worker_id} does not hold expert {expert} of layer {layer}")
             s = int(slots[0])
-            out.append((int(layer), int(expert),
-                        to_host_array(self.weights.w13[layer, s].cpu()), to_host_array(self.weights.w2[layer, s].cpu())))
+            out.append((int(layer), int(expert), self.weights.rows[layer, s].cpu().numpy()))
         return out
 
     def prepare_backups(self, backup_refs: dict, timeout_s: float, reserve: float = 1.05) -> dict:
@@ -188,13 +180,12 @@ class ExpertWorker:
         t0 = time.perf_counter()
         keys = list(backup_refs)
         values = ray.get([backup_refs[k] for k in keys], timeout=timeout_s) if keys else []
-        dtype = self.spec.dtype  # host tensors made once here, not at takeover time
-        arrays = {tuple(int(x) for x in k): (from_host_array(a, dtype), from_host_array(b, dtype))
-                  for k, (a, b) in zip(keys, values)}
+        # host tensors made once here, not at takeover time
+        arrays = {tuple(int(x) for x in k): from_host_array(row) for k, row in zip(keys, values)}
         region, pin_error = None, None
         if self.device.type == "cuda" and arrays:
             try:
-                region = PinnedRegion([a for pair in arrays.values() for a in pair])
+                region = PinnedRegion(list(arrays.values()))
             except OSError as exc:  # e.g. a locked-memory limit: still mapped, copied at pageable speed
                 pin_error = str(exc)
             self._reserve_staging(reserve)
@@ -319,11 +310,11 @@ class ExpertWorker:
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
                 pass  # a lost backup: those experts fall through to the checkpoint
         out = {}
-        for k, (a13, a2) in arrays.items():
-            if isinstance(a13, np.ndarray):
-                a13, a2 = from_host_array(a13, self.spec.dtype), from_host_array(a2, self.spec.dtype)
-            out[k] = (a13, a2)
-            stats["from_backup"] += (a13.numel() + a2.numel()) * a13.element_size()
+        for k, row in arrays.items():
+            if isinstance(row, np.ndarray):
+                row = from_host_array(row)
+            out[k] = row
+            stats["from_backup"] += row.numel()
         rest = [tuple(k) for k in keys if tuple(k) not in out]
         if rest:
             out.update(self._read_checkpoint(rest, stats))
@@ -399,7 +390,12 @@ class ExpertWorker:
         return out
 
     def forward_check(self, layer: int, slot: int) -> float:
-        """A tiny expert forward (SiLU-gated MLP) on a fixed input, to show slots are usable as weights."""
+        """A tiny expert forward (SiLU-gated MLP) on a fixed input, to show slots are usable as weights.
+
+        Unquantized formats only (ValueError otherwise); FP8/MXFP4/INT4 kernels belong to the serving engine.
+        """
+        if self.spec.quant != "none":
+            raise ValueError(f"forward_check needs unquantized experts; this model's are {self.spec.quant!r}")
         w13 = self.weights.w13[layer, slot].float()
         w2 = self.weights.w2[layer, slot].float()
         x = torch.ones(1, w13.shape[1], device=w13.device) / w13.shape[1]

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from elastic_ep.config import ClusterConfig, ModelSpec  # noqa: E402
 from elastic_ep.layout import ExpertLayout  # noqa: E402
-from elastic_ep.storage import CheckpointReader, write_synthetic_checkpoint  # noqa: E402
+from elastic_ep.checkpoint import CheckpointReader, write_synthetic_checkpoint  # noqa: E402
 
 GB = 1e9
 ENV_KEYS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "PYTHONPATH")
@@ -152,24 +152,19 @@ class SeedRank:
     def __init__(self, spec, ckpt):
         torch.cuda.set_device(0)
         self.spec, self.ckpt = spec, ckpt
-        self.w13 = self.w2 = None
+        self.rows = None  # [L, S, row_bytes]: each slot's whole bundle
 
     def load(self, experts):
         """Load a rank's slots from the checkpoint: experts [L, S]."""
         reader = CheckpointReader(self.ckpt, self.spec)
-        w13, w2 = [], []
-        for layer, row in enumerate(experts):
-            a, b = reader.read_layer_slots(layer, [int(e) for e in row], device="cuda")
-            w13.append(a)
-            w2.append(b)
-        self.w13, self.w2 = torch.stack(w13), torch.stack(w2)
+        self.rows = torch.stack([reader.read_layer_slots(layer, [int(e) for e in row], device="cuda")
+                                 for layer, row in enumerate(experts)])
         torch.cuda.synchronize()
         return True
 
     def empty(self, num_slots):
         s = self.spec
-        self.w13 = torch.empty((s.num_layers, num_slots, *s.w13_shape), dtype=torch.bfloat16, device="cuda")
-        self.w2 = torch.empty((s.num_layers, num_slots, *s.w2_shape), dtype=torch.bfloat16, device="cuda")
+        self.rows = torch.empty((s.num_layers, num_slots, s.expert_bytes), dtype=torch.uint8, device="cuda")
         torch.cuda.synchronize()
         return True
 
@@ -184,18 +179,22 @@ class SeedRank:
         return time.perf_counter() - t0
 
     def exchange(self, sends, recvs):
-        """Per layer: one batch_isend_irecv of every expert tensor (w13 and w2 separately)."""
+        """Per layer: one batch_isend_irecv of every expert tensor (each tensor of a bundle separately)."""
         import torch.distributed as dist
+
+        from elastic_ep.checkpoint import tensor_view
+
+        fmt = self.spec.expert_format
 
         t0 = time.perf_counter()
         for layer in range(self.spec.num_layers):
             ops = []
             for l, slot, peer in sends:
                 if l == layer:
-                    ops += [dist.P2POp(dist.isend, self.w13[l, slot], peer), dist.P2POp(dist.isend, self.w2[l, slot], peer)]
+                    ops += [dist.P2POp(dist.isend, tensor_view(self.rows[l, slot], fmt, n), peer) for n in fmt.names]
             for l, slot, peer in recvs:
                 if l == layer:
-                    ops += [dist.P2POp(dist.irecv, self.w13[l, slot], peer), dist.P2POp(dist.irecv, self.w2[l, slot], peer)]
+                    ops += [dist.P2POp(dist.irecv, tensor_view(self.rows[l, slot], fmt, n), peer) for n in fmt.names]
             if ops:
                 for w in dist.batch_isend_irecv(ops):
                     w.wait()
@@ -208,8 +207,7 @@ class SeedRank:
         reader = CheckpointReader(self.ckpt, self.spec)
         got = reader.read_experts(sorted({(l, e) for l, _, e in items}), device="cuda")
         for l, slot, e in items:
-            self.w13[l, slot].copy_(got[(l, e)][0])
-            self.w2[l, slot].copy_(got[(l, e)][1])
+            self.rows[l, slot].copy_(got[(l, e)])
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 

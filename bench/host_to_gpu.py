@@ -38,12 +38,11 @@ EXPERT_BYTES = (W13_ELEMS + W2_ELEMS) * 2  # bf16
 
 @ray.remote(num_cpus=1)
 class Holder:
-    """Owns the objects, like elastic-ep's BackupStore: one (w13 bits, w2 bits) object per expert."""
+    """Owns the objects, like elastic-ep's BackupStore: one byte row (the expert's whole bundle) per expert."""
 
     def put(self, n: int) -> list:
-        base13 = np.arange(W13_ELEMS, dtype=np.int16)
-        base2 = np.arange(W2_ELEMS, dtype=np.int16)
-        self.refs = [ray.put((base13 + i, base2 - i)) for i in range(n)]
+        base = np.arange(EXPERT_BYTES // 2, dtype=np.int16)
+        self.refs = [ray.put((base + i).view(np.uint8)) for i in range(n)]
         return self.refs
 
 
@@ -65,11 +64,10 @@ class Reader:
         import elastic_ep.executor as executor
         from elastic_ep.hostmem import PinnedRegion
 
-        pairs = ray.get(refs)
-        arrays = [a for pair in pairs for a in pair]
+        arrays = ray.get(refs)
         total = sum(a.nbytes for a in arrays)
-        out = {"bytes": total, "objects": len(pairs)}
-        dst = torch.empty(total // 2, dtype=torch.int16, device=self.dev)
+        out = {"bytes": total, "objects": len(arrays)}
+        dst = torch.empty(total, dtype=torch.uint8, device=self.dev)
 
         def copy_all(tensors):
             torch.cuda.synchronize()
@@ -93,13 +91,12 @@ class Reader:
 
         # The executor's background fetcher on the same registered backups, alone and beside
         # the work a recovery's main thread does meanwhile.
-        weights = executor.ExpertWeights(
-            w13=torch.empty((1, 1, 2 * INTER, HIDDEN), dtype=torch.bfloat16, device=self.dev),
-            w2=torch.empty((1, 1, HIDDEN, INTER), dtype=torch.bfloat16, device=self.dev),
-            experts=np.zeros((1, 1), dtype=np.int64))
-        got = {(0, i): (host[2 * i].view(torch.bfloat16), host[2 * i + 1].view(torch.bfloat16))
-               for i in range(len(pairs))}
-        fetches = np.array([[0, i, -1, i] for i in range(len(pairs))], dtype=np.int64)
+        from elastic_ep.config import ModelSpec
+
+        weights = executor.ExpertWeights.zeros(ModelSpec(hidden=HIDDEN, intermediate=INTER).expert_format, 1, 1,
+                                               self.dev)
+        got = {(0, i): host[i] for i in range(len(arrays))}
+        fetches = np.array([[0, i, -1, i] for i in range(len(arrays))], dtype=np.int64)
 
         def fetcher(main_work=None) -> dict:
             timings: dict = {}
@@ -112,7 +109,7 @@ class Reader:
             flat, rows, sums = f.join(600.0)
             timings["wall"] = time.perf_counter() - t0
             nonlocal ok
-            ok = ok and torch.equal(flat[: host[0].numel()].view(torch.int16).cpu(), host[0])
+            ok = ok and torch.equal(flat[: host[0].numel()].cpu(), host[0])
             del flat
             return timings
 

@@ -30,18 +30,41 @@ def _add_spec_args(p: argparse.ArgumentParser, **defaults) -> None:
     p.add_argument("--hidden", type=int, default=d["hidden"], help="hidden size")
     p.add_argument("--intermediate", type=int, default=d["intermediate"], help="expert intermediate size")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--first-layer", type=int, default=d["first_layer"], help="checkpoint index of the first MoE layer")
+    p.add_argument("--first-layer", type=int, default=d["first_layer"],
+                   help="checkpoint index of the first MoE layer" + (" (default: 1 for deepseek_v3, else 0)"
+                                                                     if d["first_layer"] is None else ""))
+
+
+_FAMILY_PRESET = {"deepseek_v3": "deepseek", "mixtral": "mixtral", "qwen3_moe": "qwen", "gpt_oss": "gpt-oss"}
+
+
+def _make_checkpoint_spec(args) -> tuple[ModelSpec, str, str, int]:
+    """(spec, family, preset, shards) of make-checkpoint's arguments, with defaults that work together."""
+    from math import gcd
+
+    family = args.family or {v: k for k, v in _FAMILY_PRESET.items()}.get(args.preset, "deepseek_v3")
+    preset = args.preset or _FAMILY_PRESET[family]
+    first = args.first_layer if args.first_layer is not None else (1 if family == "deepseek_v3" else 0)
+    block = tuple(args.block) if args.block else (min(128, gcd(args.intermediate, args.hidden) & -gcd(
+        args.intermediate, args.hidden)),) * 2  # largest power of two <= 128 dividing both sizes
+    spec = ModelSpec(
+        num_layers=args.layers, num_experts=args.experts, hidden=args.hidden, intermediate=args.intermediate,
+        dtype=args.dtype, first_layer=first, quant=args.quant, block=block, bias=family == "gpt_oss",
+    )
+    return spec, family, preset, args.shards if args.shards is not None else min(4, spec.num_layers)
 
 
 def cmd_make_checkpoint(args) -> int:
-    from .storage import write_synthetic_checkpoint
+    from .checkpoint import write_checkpoint
 
-    spec = _spec_from_args(args)
+    spec, family, preset, shards = _make_checkpoint_spec(args)
     t0 = time.perf_counter()
-    path = write_synthetic_checkpoint(args.path, spec, preset=args.preset, num_shards=args.shards, progress=True)
+    path = write_checkpoint(args.path, spec, preset=preset, num_shards=shards, progress=True, family=family)
     size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-    print(f"wrote {path}: {spec.num_layers} layers x {spec.num_experts} experts, {args.shards} shards, "
-          f"{size / 2**20:.1f} MiB in {time.perf_counter() - t0:.2f}s (preset {args.preset})")
+    quant = "" if spec.quant == "none" else f", {spec.quant}" + (f" blocks {spec.block}" if spec.quant == "fp8" else "")
+    print(f"wrote {path}: {spec.num_layers} layers x {spec.num_experts} experts ({spec.expert_bytes} B each{quant}), "
+          f"{shards} shards, {size / 2**20:.1f} MiB in {time.perf_counter() - t0:.2f}s "
+          f"({family} config, preset {preset})")
     return 0
 
 
@@ -136,9 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     mk = sub.add_parser("make-checkpoint", help="write a synthetic HF-style safetensors checkpoint")
     mk.add_argument("path")
-    _add_spec_args(mk)
-    mk.add_argument("--preset", default="deepseek", choices=["deepseek", "qwen", "mixtral"])
-    mk.add_argument("--shards", type=int, default=4)
+    _add_spec_args(mk, first_layer=None)
+    mk.add_argument("--family", default=None, choices=sorted(_FAMILY_PRESET),
+                    help="config.json family (model_type and its keys); default from --preset, else deepseek_v3")
+    mk.add_argument("--preset", default=None, choices=sorted(_FAMILY_PRESET.values()),
+                    help="tensor naming; default: the family's")
+    mk.add_argument("--quant", default="none", choices=["none", "fp8", "mxfp4", "int4"], help="expert format")
+    mk.add_argument("--block", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"),
+                    help="FP8 scale block; default: the largest power of two <= 128 dividing both sizes")
+    mk.add_argument("--shards", type=int, default=None, help="default: min(4, layers)")
     mk.set_defaults(func=cmd_make_checkpoint)
 
     ch = sub.add_parser("chaos", help="seeded random kills at every phase; prints a survival summary")

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, Union
 
 from .errors import ConfigError
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+_QUANTS = ("none", "fp8", "mxfp4", "int4")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Geometry of one model's routed experts.
+    """Geometry of one model's routed experts, and the bundle of tensors each expert is.
 
-    Each expert is stored fused, as a fused-MoE kernel wants it:
+    Unquantized experts are held fused, as a fused-MoE kernel wants them:
     ``w13: [2 * intermediate, hidden]`` (gate rows then up rows) and
-    ``w2: [hidden, intermediate]``.
+    ``w2: [hidden, intermediate]``; quantized ones add their scales (see
+    ``elastic_ep.checkpoint.formats``). MoE layers are indexed ``0 <= layer < num_layers``;
+    ``checkpoint_layers[layer]`` is that layer's index in the checkpoint.
     """
 
     num_layers: int = 4  # MoE layers (dense layers are not counted)
@@ -26,6 +29,14 @@ class ModelSpec:
     dtype: str = "bfloat16"  # storage and serving dtype
     first_layer: int = 0  # checkpoint index of the first MoE layer (DeepSeek-V2/V3 start with dense layers)
     num_groups: int = 1  # expert groups for node-limited routing (DeepSeek-V3 has 8)
+    # Checkpoint indices of the MoE layers when they are not first_layer.. contiguous
+    # (interleaved MoE layers, Jamba, Llama-4, Qwen mlp_only_layers, DeepSeek's MTP layer).
+    moe_layers: Optional[tuple[int, ...]] = None
+    quant: str = "none"  # expert format: none | fp8 (block-scaled) | mxfp4 | int4 (pack-quantized)
+    block: tuple[int, int] = (128, 128)  # fp8 scale block (rows, columns), from quantization_config
+    group_size: int = 32  # int4 columns per scale
+    bias: bool = False  # experts carry biases (gpt-oss)
+    shared_experts: int = 0  # shared experts per MoE layer: left to the serving engine, not managed
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_experts", "hidden", "intermediate", "num_groups"):
@@ -40,6 +51,32 @@ class ModelSpec:
             raise ConfigError(
                 f"ModelSpec.num_groups={self.num_groups} must divide num_experts={self.num_experts}"
             )
+        if self.moe_layers is not None:
+            layers = tuple(self.moe_layers)
+            if (len(layers) != self.num_layers or any(not isinstance(x, int) or x < 0 for x in layers)
+                    or list(layers) != sorted(set(layers))):
+                raise ConfigError(
+                    f"ModelSpec.moe_layers must be {self.num_layers} increasing layer indices >= 0, got {self.moe_layers!r}"
+                )
+            object.__setattr__(self, "moe_layers", layers)
+        if self.quant not in _QUANTS:
+            raise ConfigError(f"ModelSpec.quant must be one of {list(_QUANTS)}, got {self.quant!r}")
+        object.__setattr__(self, "block", tuple(self.block))
+        self.expert_format  # block sizes that do not divide the weights fail here, naming them
+
+    @property
+    def checkpoint_layers(self) -> tuple[int, ...]:
+        """Checkpoint index of each MoE layer: [num_layers]."""
+        if self.moe_layers is not None:
+            return self.moe_layers
+        return tuple(range(self.first_layer, self.first_layer + self.num_layers))
+
+    @property
+    def expert_format(self) -> Any:
+        """The ExpertFormat (ordered named tensors, byte row) of one expert."""
+        from .checkpoint.formats import format_of
+
+        return format_of(self)
 
     @property
     def dtype_bytes(self) -> int:
@@ -55,17 +92,22 @@ class ModelSpec:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert (w13 + w2)."""
-        return 3 * self.hidden * self.intermediate * self.dtype_bytes
+        """Bytes one expert moves: its bundle's byte row (every tensor, scales included, 16-byte aligned)."""
+        return self.expert_format.row_bytes
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
     """Shape and behaviour of one elastic EP cluster."""
 
-    model: ModelSpec = field(default_factory=ModelSpec)
-    checkpoint: Optional[str] = None  # folder of a HF-style safetensors checkpoint
-    preset: str = "deepseek"  # expert tensor naming: deepseek | qwen | mixtral
+    # Expert geometry and format; None: read from the checkpoint's config.json (ModelSpec() without one).
+    model: Optional[ModelSpec] = None
+    # Folder of a HF-style safetensors checkpoint (a hub cache snapshot is fine), or a hub repo id
+    # ("org/name") that huggingface_hub resolves from its cache; replaced by the local folder.
+    checkpoint: Optional[str] = None
+    # Expert tensor naming: a preset name (see elastic_ep.checkpoint.PRESETS) or a Layout;
+    # None: the checkpoint's family's preset ("deepseek" without one).
+    preset: Any = None
     num_ranks: int = 4  # active EP ranks (one worker actor each)
     slots_per_rank: int = 5  # physical slots per rank (logical + redundant over ranks)
     num_spares: int = 1  # hot spare workers started in advance
@@ -97,6 +139,7 @@ class ClusterConfig:
     gpu_fractions: Optional[tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
+        self._resolve_checkpoint()
         if self.num_ranks <= 0:
             raise ConfigError(f"num_ranks must be >= 1, got {self.num_ranks}")
         if self.slots_per_rank <= 0:
@@ -117,8 +160,9 @@ class ClusterConfig:
             raise ConfigError(f"policy must be 'sticky' or 'eplb', got {self.policy!r}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.preset not in ("deepseek", "qwen", "mixtral"):
-            raise ConfigError(f"preset must be deepseek, qwen or mixtral, got {self.preset!r}")
+        from .checkpoint.layouts import resolve_layout
+
+        resolve_layout(self.preset)  # ConfigError naming an unknown preset
         for name in ("call_timeout_s", "transfer_timeout_s", "startup_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -128,3 +172,38 @@ class ClusterConfig:
             raise ConfigError(f"staging_reserve must be in [0, 4], got {self.staging_reserve}")
         if self.load_window <= 0:
             raise ConfigError(f"load_window must be >= 1, got {self.load_window}")
+
+    def _resolve_checkpoint(self) -> None:
+        """Fill ``model`` and ``preset`` from the checkpoint's config.json where not given (CheckpointError
+        naming the key when its geometry cannot be told), and resolve a hub repo id to its local folder."""
+        if self.checkpoint is not None:
+            from pathlib import Path
+
+            from .checkpoint.geometry import CONFIG_FILE, read_spec
+            from .checkpoint.hub import resolve_checkpoint
+            from .errors import CheckpointError
+
+            folder = Path(self.checkpoint)
+            if self.model is None or folder.is_dir() or not folder.exists():
+                try:
+                    folder = resolve_checkpoint(self.checkpoint)
+                except CheckpointError:
+                    if self.model is None:
+                        raise
+                    folder = None  # the controller's start-up check names what is wrong with it
+            if folder is not None:
+                object.__setattr__(self, "checkpoint", str(folder))
+            if self.model is None:
+                spec, preset = read_spec(folder)
+                object.__setattr__(self, "model", spec)
+                if self.preset is None:
+                    object.__setattr__(self, "preset", preset)
+            elif self.preset is None and folder is not None and (folder / CONFIG_FILE).exists():
+                try:
+                    object.__setattr__(self, "preset", read_spec(folder)[1])
+                except CheckpointError:
+                    pass  # the user's ModelSpec stands; the default naming is tried
+        if self.model is None:
+            object.__setattr__(self, "model", ModelSpec())
+        if self.preset is None:
+            object.__setattr__(self, "preset", "deepseek")

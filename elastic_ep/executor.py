@@ -7,8 +7,9 @@ live weights exactly as they were.
 Point-to-point traffic is packed: all experts one rank sends to one peer in one
 stage travel as a few large flat messages (at most ``max_message_bytes`` each),
 which both sides cut identically from the same ordered plan. A message of n experts
-is ``[w13 of each: n x 2I*H][w2 of each: n x H*I]``, so each half is packed with one
-indexed gather and committed with one indexed copy.
+is their n byte rows (every tensor of each expert's bundle: weights, scales, biases),
+packed with one indexed gather and committed with one indexed copy; nothing here
+knows a dtype, so no path can move a weight without its scales.
 """
 
 from __future__ import annotations
@@ -25,76 +26,95 @@ import torch
 
 from .plan import DST, DST_SLOT, EXPERT, LAYER, SRC, SRC_SLOT, STAGE, RankPlan
 from .errors import TransferError
-from .storage import fingerprint_stacked, fingerprint_sums, fingerprints_from_sums
+from .checkpoint.bundle import empty_rows, tensor_view
+from .checkpoint.fingerprints import fingerprint_rows, fingerprint_sums, fingerprints_from_sums
+from .checkpoint.formats import ExpertFormat
 
-# fetch(keys) -> {(layer, expert): (w13, w2)} from a backup or the checkpoint
-FetchFn = Callable[[list[tuple[int, int]]], dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]]
+# fetch(keys) -> {(layer, expert): byte row [row_bytes] uint8} from a backup or the checkpoint
+FetchFn = Callable[[list[tuple[int, int]]], dict[tuple[int, int], torch.Tensor]]
 
 
 @dataclass
 class ExpertWeights:
-    """One rank's live expert weights, stacked as a fused-MoE kernel wants them.
+    """One rank's live experts: each slot's bundle as one byte row (see ``checkpoint.formats``).
 
-    w13: [num_layers, slots_per_rank, 2 * intermediate, hidden]
-    w2: [num_layers, slots_per_rank, hidden, intermediate]
+    rows: uint8 [num_layers, slots_per_rank, row_bytes]
     experts: [num_layers, slots_per_rank] logical expert in each slot (-1: empty).
+    ``tensor(name)`` views one bundle tensor stacked per layer, ``[num_layers, slots_per_rank, *shape]``
+    (e.g. ``w13 [L, S, 2I, H]``), sharing the rows' memory.
     """
 
-    w13: torch.Tensor
-    w2: torch.Tensor
+    rows: torch.Tensor
     experts: np.ndarray
+    format: ExpertFormat
+
+    @classmethod
+    def zeros(cls, fmt: ExpertFormat, num_layers: int, slots_per_rank: int, device) -> "ExpertWeights":
+        shape = (num_layers, slots_per_rank)
+        return cls(empty_rows(shape, fmt, device), np.full(shape, -1, dtype=np.int64), fmt)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return tensor_view(self.rows, self.format, name)
 
     @property
-    def expert_numel(self) -> int:
-        return int(self.w13[0, 0].numel() + self.w2[0, 0].numel())
+    def w13(self) -> torch.Tensor:
+        """Gate and up weights ``[L, S, 2I, H]`` (unquantized formats; FP8 ones give the FP8 weights)."""
+        return self.tensor("w13")
+
+    @property
+    def w2(self) -> torch.Tensor:
+        """Down weights ``[L, S, H, I]``."""
+        return self.tensor("w2")
+
+    @property
+    def row_bytes(self) -> int:
+        return int(self.rows.shape[-1])
 
     def fingerprints(self) -> np.ndarray:
-        """Fingerprint of every slot: [num_layers, slots_per_rank] int64."""
+        """Fingerprint of every slot (all its tensors): [num_layers, slots_per_rank] int64."""
         num_layers, spr = self.experts.shape
         out = np.empty((num_layers, spr), dtype=np.int64)
         for layer in range(num_layers):
-            out[layer] = fingerprint_stacked(self.w13[layer], self.w2[layer])
+            out[layer] = fingerprint_rows(self.rows[layer])
         return out
 
 
 @dataclass
 class StagedBatch:
-    """Experts that arrived together, packed: a13 [n, 2I*H] and a2 [n, H*I], views of one message.
+    """Experts that arrived together: data [n, row_bytes] byte rows, views of one message.
 
-    rows: [n, 3] int64 (layer, slot, expert) of each packed expert.
+    meta: [n, 3] int64 (layer, slot, expert) of each row.
     """
 
-    a13: torch.Tensor
-    a2: torch.Tensor
-    rows: np.ndarray
-    sums: Optional[torch.Tensor] = None  # fingerprint_sums(a13, a2), started as soon as the data is whole
+    data: torch.Tensor
+    meta: np.ndarray
+    sums: Optional[torch.Tensor] = None  # fingerprint_sums(data), started as soon as the data is whole
 
 
 @dataclass
 class StagedUpdate:
     """New contents for some slots, not yet live. Keyed by (layer, slot).
 
-    ``slots`` holds views (into ``batches`` where the slot arrived packed) or loose copies.
+    ``slots`` holds byte-row views (into ``batches`` where the slot arrived packed) or loose copies.
     """
 
     epoch: int
-    slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+    slots: dict[tuple[int, int], tuple[torch.Tensor, int]] = field(default_factory=dict)
     batches: list[StagedBatch] = field(default_factory=list)
-    n13: int = 0  # elements of w13 in a packed row
+    row_bytes: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_fetched: int = 0
 
-    def add_batch(self, flat: torch.Tensor, rows: np.ndarray, shape13: tuple, shape2: tuple,
-                  sums: Optional[torch.Tensor] = None) -> None:
-        """Stage a packed message ``flat`` (1-D); its rows become views in ``slots``. Starts fingerprinting."""
-        a13, a2 = _halves(flat, len(rows), self.n13)
-        if sums is None and len(rows):
-            sums = fingerprint_sums(a13, a2)
-        self.batches.append(StagedBatch(a13, a2, rows, sums))
-        for i, (layer, slot, expert) in enumerate(rows.tolist()):
-            self.slots[(layer, slot)] = (a13[i].view(shape13), a2[i].view(shape2), expert)
+    def add_batch(self, flat: torch.Tensor, meta: np.ndarray, sums: Optional[torch.Tensor] = None) -> None:
+        """Stage a packed message ``flat`` (1-D bytes); its rows become views in ``slots``. Starts fingerprinting."""
+        data = flat.view(len(meta), self.row_bytes)
+        if sums is None and len(meta):
+            sums = fingerprint_sums(data)
+        self.batches.append(StagedBatch(data, meta, sums))
+        for i, (layer, slot, expert) in enumerate(meta.tolist()):
+            self.slots[(layer, slot)] = (data[i], expert)
 
     def current_rows(self, done: set) -> list[list[int]]:
         """Per batch, the indices of its rows that are still what ``slots`` stages and not in ``done``.
@@ -105,8 +125,8 @@ class StagedUpdate:
         out = []
         for batch in self.batches:
             keep = []
-            for i, (layer, slot, expert) in enumerate(batch.rows.tolist()):
-                if self.slots.get((layer, slot), (None, None, None))[2] == expert and (layer, slot) not in done:
+            for i, (layer, slot, expert) in enumerate(batch.meta.tolist()):
+                if self.slots.get((layer, slot), (None, None))[1] == expert and (layer, slot) not in done:
                     keep.append(i)
                     done.add((layer, slot))
             out.append(keep)
@@ -119,13 +139,12 @@ class StagedUpdate:
         for batch, keep in zip(self.batches, self.current_rows(batched)):
             if not keep:
                 continue
-            fps = fingerprints_from_sums(batch.sums if batch.sums is not None else fingerprint_sums(batch.a13, batch.a2))
-            rows = batch.rows.tolist()
-            out += [(*rows[i], int(fps[i])) for i in keep]
-        for (layer, slot), (w13, w2, expert) in self.slots.items():
+            fps = fingerprints_from_sums(batch.sums if batch.sums is not None else fingerprint_sums(batch.data))
+            meta = batch.meta.tolist()
+            out += [(*meta[i], int(fps[i])) for i in keep]
+        for (layer, slot), (row, expert) in self.slots.items():
             if (layer, slot) not in batched:
-                fp = fingerprint_stacked(w13.unsqueeze(0), w2.unsqueeze(0))[0]
-                out.append((layer, slot, expert, int(fp)))
+                out.append((layer, slot, expert, fingerprint_rows(row.unsqueeze(0))[0]))
         return sorted(out)
 
 
@@ -146,11 +165,6 @@ def _wide(*rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ):
             return tuple(r.view(dtype) for r in rows)
     return rows
-
-
-def _halves(flat: torch.Tensor, n: int, n13: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two halves of a 1-D message of n experts: w13 rows [n, n13] and w2 rows [n, rest]."""
-    return flat[: n * n13].view(n, n13), flat[n * n13 :].view(n, -1)
 
 
 def _split(n: int, per_message: int) -> list[tuple[int, int]]:
@@ -178,13 +192,10 @@ def execute_rank_plan(
     Reads for another rank (``part.relay_sends``) start with them and are sent, and
     relays for this rank received, in a second round. ``timeout_s`` bounds it all.
     """
-    w13, w2 = weights.w13, weights.w2
-    shape13, shape2 = tuple(w13.shape[2:]), tuple(w2.shape[2:])
-    n13 = int(np.prod(shape13))
-    staged = StagedUpdate(epoch=epoch, n13=n13)
-    numel = weights.expert_numel
-    elem = w13.element_size()
-    per_message = max(1, max_message_bytes // (numel * elem))
+    live = weights.rows
+    numel = weights.row_bytes
+    staged = StagedUpdate(epoch=epoch, row_bytes=numel)
+    per_message = max(1, max_message_bytes // numel)
 
     def phase(name: str) -> None:
         if on_phase is not None:
@@ -223,7 +234,7 @@ def execute_rank_plan(
 
     def buffer(n: int) -> torch.Tensor:
         t = time.perf_counter()
-        out = torch.empty(n * numel, dtype=w13.dtype, device=w13.device)
+        out = torch.empty(n * numel, dtype=torch.uint8, device=live.device)
         clock["alloc"] += time.perf_counter() - t
         return out
 
@@ -235,12 +246,12 @@ def execute_rank_plan(
             for _, _, kind, peer, rows in group:
                 flat = buffer(len(rows))
                 if kind == "send":
-                    _pack(weights, index[at : at + len(rows)], n13, flat)
+                    _pack(weights, index[at : at + len(rows)], flat)
                     at += len(rows)
-                    staged.bytes_sent += flat.numel() * elem
+                    staged.bytes_sent += flat.numel()
                 else:
                     recv_batches.append((flat, rows[:, [LAYER, DST_SLOT, EXPERT]].astype(np.int64)))
-                    staged.bytes_received += flat.numel() * elem
+                    staged.bytes_received += flat.numel()
                 ops.append((kind, flat, group_rank[peer]))
             clock["pack"] += time.perf_counter() - t
             yield ops
@@ -253,25 +264,25 @@ def execute_rank_plan(
     staged.timings_s["transfer"] = time.perf_counter() - t0
     staged.timings_s.update(clock)
     for flat, rows in recv_batches:
-        staged.add_batch(flat, rows, shape13, shape2)
+        staged.add_batch(flat, rows)
 
     if len(part.relay_sends) or len(part.relay_recvs):
         _relay_round(part, relayer, staged, transport, group_rank, left, per_message, weights, phase)
 
     if fetcher is not None:
         flat, rows, sums = fetcher.join(left())
-        staged.add_batch(flat, rows, shape13, shape2, sums)
-        staged.bytes_fetched += flat.numel() * elem
+        staged.add_batch(flat, rows, sums)
+        staged.bytes_fetched += flat.numel()
 
     # Copies within the rank (from live weights, or from a slot staged above).
     t0 = time.perf_counter()
     for layer, _, src_slot, dst_slot, after in part.copies:
         layer, src_slot, dst_slot = int(layer), int(src_slot), int(dst_slot)
         if after:
-            a, b, expert = staged.slots[(layer, src_slot)]
+            row, expert = staged.slots[(layer, src_slot)]
         else:
-            a, b, expert = w13[layer, src_slot], w2[layer, src_slot], int(weights.experts[layer, src_slot])
-        staged.slots[(layer, dst_slot)] = (a.clone(), b.clone(), expert)
+            row, expert = live[layer, src_slot], int(weights.experts[layer, src_slot])
+        staged.slots[(layer, dst_slot)] = (row.clone(), expert)
     staged.timings_s["copy"] = time.perf_counter() - t0
     return staged
 
@@ -281,18 +292,17 @@ def _relay_round(part: RankPlan, relayer: Optional["_Fetcher"], staged: StagedUp
     """Second round: send what this rank read for others, receive what others read for it.
 
     Both sides cut the relays of a (sender, receiver) pair into the same messages; a
-    message travels as its two halves, straight from the sender's read buffer.
+    message travels straight from the sender's read buffer.
     ``left()`` gives the seconds left of the whole transfer's bound.
     """
     t0 = time.perf_counter()
     phase("relay")
-    like, numel = weights.w13, weights.expert_numel
-    shape13, shape2 = tuple(weights.w13.shape[2:]), tuple(weights.w2.shape[2:])
-    a13 = a2 = None
+    like, numel = weights.rows, weights.row_bytes
+    data = None
     if relayer is not None:
         flat, _, _ = relayer.join(left())
-        a13, a2 = _halves(flat, len(part.relay_sends), staged.n13)
-        staged.bytes_fetched += flat.numel() * flat.element_size()
+        data = flat.view(len(part.relay_sends), numel)
+        staged.bytes_fetched += flat.numel()
     sends = part.relay_sends.copy()
     sends[:, SRC_SLOT] = np.arange(len(sends))  # position in the read buffer, which is in plan order
     rounds = RankPlan(part.rank, sends, part.relay_recvs, np.empty((0, 5), np.int64), np.empty((0, 4), np.int64), 0)
@@ -304,40 +314,36 @@ def _relay_round(part: RankPlan, relayer: Optional["_Fetcher"], staged: StagedUp
             for _, _, kind, peer, rows in group:
                 if kind == "send":
                     lo, hi = int(rows[0, SRC_SLOT]), int(rows[-1, SRC_SLOT]) + 1  # contiguous: one peer's run
-                    ops += [("send", a13[lo:hi], group_rank[peer]), ("send", a2[lo:hi], group_rank[peer])]
-                    staged.bytes_sent += (hi - lo) * numel * like.element_size()
+                    ops.append(("send", data[lo:hi].reshape(-1), group_rank[peer]))
+                    staged.bytes_sent += (hi - lo) * numel
                 else:
-                    flat = torch.empty(len(rows) * numel, dtype=like.dtype, device=like.device)
-                    h13, h2 = _halves(flat, len(rows), staged.n13)
-                    ops += [("recv", h13, group_rank[peer]), ("recv", h2, group_rank[peer])]
+                    flat = torch.empty(len(rows) * numel, dtype=torch.uint8, device=like.device)
+                    ops.append(("recv", flat, group_rank[peer]))
                     received.append((flat, rows[:, [LAYER, DST_SLOT, EXPERT]].astype(np.int64)))
-                    staged.bytes_received += flat.numel() * flat.element_size()
+                    staged.bytes_received += flat.numel()
             yield ops
 
     transport.execute_rounds(ops_by_round(), left())
     for flat, rows in received:
-        staged.add_batch(flat, rows, shape13, shape2)
+        staged.add_batch(flat, rows)
     staged.timings_s["relay"] = time.perf_counter() - t0
 
 
 def _row_index(weights: ExpertWeights, layers: np.ndarray, slots: np.ndarray) -> torch.Tensor:
     """Flat live-row index ``layers * slots_per_rank + slots`` ([n]) on the weights' device."""
-    spr = weights.w13.shape[1]
+    spr = weights.rows.shape[1]
     flat = np.asarray(layers, dtype=np.int64) * spr + np.asarray(slots, dtype=np.int64)
-    return torch.as_tensor(flat, device=weights.w13.device)
+    return torch.as_tensor(flat, device=weights.rows.device)
 
 
-def _pack(weights: ExpertWeights, index: torch.Tensor, n13: int, flat: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Live experts at flat rows ``index`` ([n], see ``_row_index``) packed into one 1-D message
-    (layout in the module docstring): ``flat`` (``n * expert_numel`` elements), or a new buffer."""
-    w13, w2 = weights.w13, weights.w2
-    num_layers, spr = w13.shape[:2]
+def _pack(weights: ExpertWeights, index: torch.Tensor, flat: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Live experts at flat rows ``index`` ([n], see ``_row_index``) packed into one 1-D byte message:
+    ``flat`` (``n * row_bytes`` bytes), or a new buffer."""
+    num_layers, spr, numel = weights.rows.shape
     if flat is None:
-        flat = torch.empty(len(index) * weights.expert_numel, dtype=w13.dtype, device=w13.device)
-    a13, a2 = _halves(flat, len(index), n13)
-    for live, out in ((w13.view(num_layers * spr, -1), a13), (w2.view(num_layers * spr, -1), a2)):
-        live, out = _wide(live, out)
-        torch.index_select(live, 0, index, out=out)
+        flat = torch.empty(len(index) * numel, dtype=torch.uint8, device=weights.rows.device)
+    live, out = _wide(weights.rows.view(num_layers * spr, numel), flat.view(len(index), numel))
+    torch.index_select(live, 0, index, out=out)
     return flat
 
 
@@ -354,10 +360,10 @@ class _Fetcher:
 
     def __init__(self, fetches: np.ndarray, fetch: FetchFn, weights: ExpertWeights, timings: dict):
         self.fetches, self.fetch, self.weights, self.timings = fetches, fetch, weights, timings
-        w13 = weights.w13  # allocated here, on the caller's stream, which uses it after join()
-        self.flat = torch.empty(len(fetches) * weights.expert_numel, dtype=w13.dtype, device=w13.device)
-        self.alloc_stream = torch.cuda.current_stream(w13.device) if w13.is_cuda else None
-        self.a13, self.a2 = _halves(self.flat, len(fetches), int(w13[0, 0].numel()))
+        live = weights.rows  # allocated here, on the caller's stream, which uses it after join()
+        self.flat = torch.empty(len(fetches) * weights.row_bytes, dtype=torch.uint8, device=live.device)
+        self.alloc_stream = torch.cuda.current_stream(live.device) if live.is_cuda else None
+        self.data = self.flat.view(len(fetches), weights.row_bytes)
         self.rows = np.empty((len(fetches), 3), dtype=np.int64)
         self.sums: Optional[torch.Tensor] = None
         self.error: Optional[BaseException] = None
@@ -398,16 +404,14 @@ class _Fetcher:
             with _on(copy):
                 for i in range(lo, hi):
                     layer, expert, _, slot = todo[i]
-                    a, b = got[(layer, expert)]
-                    self.a13[i].copy_(a.reshape(-1), non_blocking=True)
-                    self.a2[i].copy_(b.reshape(-1), non_blocking=True)
+                    self.data[i].copy_(got[(layer, expert)].reshape(-1), non_blocking=True)
                     self.rows[i] = (layer, slot, expert)
             if compute is not None:
                 compute.wait_stream(copy)
             with _on(compute):
-                sums.append(fingerprint_sums(self.a13[lo:hi], self.a2[lo:hi]))
+                sums.append(fingerprint_sums(self.data[lo:hi]))
         with _on(compute):
-            self.sums = torch.cat(sums, dim=1) if sums else None
+            self.sums = torch.cat(sums) if sums else None
         if copy is not None:
             t0 = time.perf_counter()
             copy.synchronize()
@@ -449,32 +453,29 @@ def _messages(part: RankPlan, per_message: int) -> list[tuple[int, int, str, int
 def commit(weights: ExpertWeights, staged: StagedUpdate) -> None:
     """Copy staged slots into the live weights (the only place live weights change).
 
-    Packed batches go in with one indexed copy per tensor; loose slots one by one.
+    Packed batches go in with one indexed copy each; loose slots one by one.
     """
-    w13, w2 = weights.w13, weights.w2
-    num_layers, spr = weights.experts.shape
-    live13 = w13.view(num_layers * spr, -1)
-    live2 = w2.view(num_layers * spr, -1)
+    num_layers, spr, numel = weights.rows.shape
+    live = weights.rows.view(num_layers * spr, numel)
     done: set = set()
     for batch, keep in zip(staged.batches, staged.current_rows(done)):
         if not keep:
             continue
-        rows = batch.rows[keep]
-        index = torch.as_tensor(rows[:, 0] * spr + rows[:, 1], device=w13.device)
-        pick = torch.as_tensor(keep, device=batch.a13.device) if len(keep) < len(batch.rows) else None
-        for live, part in ((live13, batch.a13), (live2, batch.a2)):
-            live, part = _wide(live, part)
-            live.index_copy_(0, index, part if pick is None else part.index_select(0, pick))
-        for layer, slot, expert in rows.tolist():
+        meta = batch.meta[keep]
+        index = torch.as_tensor(meta[:, 0] * spr + meta[:, 1], device=live.device)
+        part = batch.data if len(keep) == len(batch.meta) else \
+            batch.data.index_select(0, torch.as_tensor(keep, device=batch.data.device))
+        dst, src = _wide(live, part)
+        dst.index_copy_(0, index, src)
+        for layer, slot, expert in meta.tolist():
             weights.experts[layer, slot] = expert
-    for (layer, slot), (a, b, expert) in staged.slots.items():
+    for (layer, slot), (row, expert) in staged.slots.items():
         if (layer, slot) in done:
             continue
-        w13[layer, slot].copy_(a)
-        w2[layer, slot].copy_(b)
+        weights.rows[layer, slot].copy_(row)
         weights.experts[layer, slot] = expert
-    if w13.is_cuda:
-        torch.cuda.synchronize(w13.device)
+    if live.is_cuda:
+        torch.cuda.synchronize(live.device)
 
 
 class _Loopback:
@@ -498,7 +499,7 @@ def warm_up(weights: ExpertWeights) -> None:
     none of that lands on a recovery's critical path. The weights end as they were.
     """
     expert = int(weights.experts[0, 0])
-    host = (weights.w13[0, 0].cpu(), weights.w2[0, 0].cpu())
+    host = weights.rows[0, 0].cpu()
     row = np.array([[0, expert, 0, 0, 0, 0, 0]], dtype=np.int64)  # layer 0, slot 0 -> rank 0, slot 0
     relay = row.copy()
     relay[:, SRC_SLOT] = -1

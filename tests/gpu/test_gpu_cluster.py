@@ -84,3 +84,37 @@ def test_kill_mid_transfer_is_bounded_and_retried(ray_gpu, checkpoint):
         ver = c.verify(against_checkpoint=True)  # survivors' weights intact, every slot as planned
         assert ver["ok"], ver
         assert c.status()["epoch"] > before_epoch  # the retry committed a new layout
+
+
+FP8 = ModelSpec(num_layers=2, num_experts=16, hidden=512, intermediate=256, first_layer=1, quant="fp8", block=(128, 128))
+
+
+def test_nccl_fp8_bundles_move_with_their_scales(ray_gpu, tmp_path_factory):
+    """FP8 block-scaled experts over NCCL: the cluster starts from the folder alone, and after a rebalance and a
+    recovery every slot's weights and weight_scale_inv verify against the file."""
+    import signal
+
+    import ray
+
+    from elastic_ep.checkpoint import write_checkpoint
+    from elastic_ep.cluster import ElasticEPCluster
+
+    folder = write_checkpoint(tmp_path_factory.mktemp("fp8"), FP8, "deepseek", family="deepseek_v3", device="cuda")
+    cfg = _config(str(folder), model=None, name="gpu-fp8")
+    assert cfg.model == FP8
+    with ElasticEPCluster(cfg) as c:
+        c.run_workload(batches=8, zipf_s=1.3)
+        rep = c.rebalance()
+        assert rep["bytes_p2p"] == rep["plan"]["transfers"] * FP8.expert_bytes > 0
+        assert c.verify(against_checkpoint=True)["ok"]
+        victim = c.status()["ranks"].get(1, c.status()["ranks"].get("1"))
+        handle = ray.get_actor(f"{c.prefix}-{victim}", namespace=ray.get_runtime_context().namespace)
+        os.kill(ray.get(handle.ping.remote(), timeout=60)["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while victim in c.status()["ranks"].values() and victim not in c.status()["dead"]:
+            assert time.monotonic() < deadline, f"{victim}'s death not noticed"
+            time.sleep(0.2)
+        st = c.wait_healthy(timeout_s=300)
+        assert st["ranks"].get(1, st["ranks"].get("1")) != victim
+        ver = c.verify(against_checkpoint=True)
+        assert ver["ok"], ver

@@ -6,21 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from elastic_ep.executor import ExpertWeights, StagedUpdate, _halves, _pack, _row_index, _wide, commit, warm_up
+from elastic_ep.config import ModelSpec
+from elastic_ep.executor import ExpertWeights, StagedUpdate, _pack, _row_index, _wide, commit, warm_up
 
-# (hidden, intermediate): a row size divisible by 8 bytes, and one that is not even 4-byte aligned in w2
-GEOMETRIES = [(8, 4), (3, 5)]
+# (hidden, intermediate, quant): bf16 rows, odd geometry, and an FP8 bundle whose scales share the row
+GEOMETRIES = [(8, 4, "none"), (3, 5, "none"), (32, 16, "fp8")]
 
 
-def _weights(layers: int, spr: int, hidden: int, inter: int, offset: float = 0.0) -> ExpertWeights:
-    """Every element distinct, so a misplaced byte shows."""
-    n13, n2 = 2 * inter * hidden, hidden * inter
-    per = n13 + n2
-    base = torch.arange(layers * spr * per, dtype=torch.float32).view(layers, spr, per) + offset
-    w13 = base[..., :n13].reshape(layers, spr, 2 * inter, hidden).to(torch.bfloat16)
-    w2 = base[..., n13:].reshape(layers, spr, hidden, inter).to(torch.bfloat16)
-    experts = np.arange(layers * spr, dtype=np.int64).reshape(layers, spr)
-    return ExpertWeights(w13=w13.contiguous(), w2=w2.contiguous(), experts=experts)
+def _weights(layers: int, spr: int, hidden: int, inter: int, quant: str, offset: int = 0) -> ExpertWeights:
+    """Every 4-byte word distinct (weights and scales alike), so a misplaced byte shows."""
+    spec = ModelSpec(hidden=hidden, intermediate=inter, quant=quant, block=(8, 8))
+    w = ExpertWeights.zeros(spec.expert_format, layers, spr, "cpu")
+    words = w.rows.view(torch.int32)
+    words.copy_(torch.arange(words.numel(), dtype=torch.int32).view(words.shape) + offset)
+    w.experts[:] = np.arange(layers * spr, dtype=np.int64).reshape(layers, spr)
+    return w
 
 
 def test_wide_views_share_bits_and_widen_to_int64():
@@ -50,50 +50,63 @@ def test_wide_leaves_tensors_it_cannot_view_unchanged(make):
     assert out is t
 
 
-@pytest.mark.parametrize("hidden,inter", GEOMETRIES)
-def test_pack_gathers_each_expert_into_the_two_halves(hidden, inter):
-    w = _weights(3, 4, hidden, inter)
+@pytest.mark.parametrize("hidden,inter,quant", GEOMETRIES)
+def test_pack_gathers_each_experts_whole_row(hidden, inter, quant):
+    w = _weights(3, 4, hidden, inter, quant)
     layers, slots = np.array([2, 0, 1, 2]), np.array([3, 1, 0, 0])
-    n13 = 2 * inter * hidden
-    flat = _pack(w, _row_index(w, layers, slots), n13)
-    a13, a2 = _halves(flat, len(layers), n13)
+    flat = _pack(w, _row_index(w, layers, slots))
+    data = flat.view(len(layers), w.row_bytes)
     for i, (layer, slot) in enumerate(zip(layers, slots)):
-        assert torch.equal(a13[i], w.w13[layer, slot].reshape(-1))
-        assert torch.equal(a2[i], w.w2[layer, slot].reshape(-1))
+        assert torch.equal(data[i], w.rows[layer, slot])
+        for name in w.format.names:  # every tensor of the bundle, scales included, came along
+            got = data[i][w.format.offsets[w.format.names.index(name)]:][: w.format.tensor(name).nbytes]
+            assert torch.equal(got, w.rows[layer, slot][w.format.offsets[w.format.names.index(name)]:]
+                               [: w.format.tensor(name).nbytes])
 
 
-@pytest.mark.parametrize("hidden,inter", GEOMETRIES)
-def test_commit_writes_current_rows_of_batches_and_loose_slots(hidden, inter):
-    live = _weights(2, 3, hidden, inter)
-    src = _weights(2, 3, hidden, inter, offset=1e4)
-    n13 = 2 * inter * hidden
-    shape13, shape2 = tuple(live.w13.shape[2:]), tuple(live.w2.shape[2:])
-    staged = StagedUpdate(epoch=1, n13=n13)
+@pytest.mark.parametrize("hidden,inter,quant", GEOMETRIES)
+def test_commit_writes_current_rows_of_batches_and_loose_slots(hidden, inter, quant):
+    live = _weights(2, 3, hidden, inter, quant)
+    src = _weights(2, 3, hidden, inter, quant, offset=10**6)
+    staged = StagedUpdate(epoch=1, row_bytes=live.row_bytes)
     # batch of three experts into (layer, slot) (0,1), (1,2), (1,0)
-    staged.add_batch(_pack(src, _row_index(src, np.array([1, 0, 0]), np.array([1, 2, 0])), n13),
-                     np.array([[0, 1, 50], [1, 2, 51], [1, 0, 52]]), shape13, shape2)
+    staged.add_batch(_pack(src, _row_index(src, np.array([1, 0, 0]), np.array([1, 2, 0]))),
+                     np.array([[0, 1, 50], [1, 2, 51], [1, 0, 52]]))
     # a later loose copy supersedes the batch's (1, 2): the batch row must not be committed over it
-    staged.slots[(1, 2)] = (src.w13[0, 0].clone(), src.w2[0, 0].clone(), 53)
-    before = live.w13.clone(), live.w2.clone()
+    staged.slots[(1, 2)] = (src.rows[0, 0].clone(), 53)
+    before = live.rows.clone()
     commit(live, staged)
     expect = {(0, 1): (1, 1, 50), (1, 2): (0, 0, 53), (1, 0): (0, 0, 52)}
     for layer in range(2):
         for slot in range(3):
             if (layer, slot) in expect:
                 sl, ss, expert = expect[(layer, slot)]
-                assert torch.equal(live.w13[layer, slot], src.w13[sl, ss])
-                assert torch.equal(live.w2[layer, slot], src.w2[sl, ss])
+                assert torch.equal(live.rows[layer, slot], src.rows[sl, ss])
+                for name in live.format.names:
+                    assert torch.equal(live.tensor(name)[layer, slot].view(torch.uint8),
+                                       src.tensor(name)[sl, ss].view(torch.uint8))
                 assert live.experts[layer, slot] == expert
             else:
-                assert torch.equal(live.w13[layer, slot], before[0][layer, slot])
-                assert torch.equal(live.w2[layer, slot], before[1][layer, slot])
+                assert torch.equal(live.rows[layer, slot], before[layer, slot])
 
 
-@pytest.mark.parametrize("hidden,inter", GEOMETRIES)
-def test_warm_up_leaves_weights_and_slot_owners_as_they_were(hidden, inter):
-    w = _weights(2, 3, hidden, inter)
+@pytest.mark.parametrize("hidden,inter,quant", GEOMETRIES)
+def test_staged_fingerprints_cover_scales(hidden, inter, quant):
+    w = _weights(1, 2, hidden, inter, quant)
+    staged = StagedUpdate(epoch=1, row_bytes=w.row_bytes)
+    staged.add_batch(_pack(w, _row_index(w, np.array([0]), np.array([1]))), np.array([[0, 0, 7]]))
+    clean = staged.fingerprints()[0][3]
+    last = w.format.names[-1]  # w2's scale in the FP8 bundle, w2 itself otherwise
+    staged.slots[(0, 0)][0][w.format.offsets[-1]] ^= 1  # one bit of the bundle's last tensor
+    staged.batches[0].sums = None
+    assert staged.fingerprints()[0][3] != clean, last
+
+
+@pytest.mark.parametrize("hidden,inter,quant", GEOMETRIES)
+def test_warm_up_leaves_weights_and_slot_owners_as_they_were(hidden, inter, quant):
+    w = _weights(2, 3, hidden, inter, quant)
     w.experts[0, 0] = -1  # a spare's empty slot
-    before = w.w13.clone(), w.w2.clone(), w.experts.copy()
+    before = w.rows.clone(), w.experts.copy()
     warm_up(w)
-    assert torch.equal(w.w13, before[0]) and torch.equal(w.w2, before[1])
-    assert np.array_equal(w.experts, before[2])
+    assert torch.equal(w.rows, before[0])
+    assert np.array_equal(w.experts, before[1])

@@ -68,3 +68,23 @@ def test_planning_works_without_ray_or_torch():
     proc = _run(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_geometry_and_formats_need_no_torch():
+    code = (
+        "import sys, json, tempfile, pathlib\n"
+        "from elastic_ep.config import ModelSpec\n"
+        "from elastic_ep.checkpoint.geometry import read_spec\n"
+        "spec = ModelSpec(hidden=7168, intermediate=2048, quant='fp8')\n"
+        "assert spec.expert_bytes == spec.expert_format.row_bytes > 3 * 7168 * 2048\n"
+        "d = pathlib.Path(tempfile.mkdtemp())\n"
+        "(d / 'config.json').write_text(json.dumps({'model_type': 'mixtral', 'num_local_experts': 8, "
+        "'intermediate_size': 64, 'hidden_size': 32, 'num_hidden_layers': 2}))\n"
+        "assert read_spec(d)[0].num_experts == 8\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print('ok')\n"
+    )
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"

@@ -11,18 +11,32 @@ from safetensors.torch import save_file
 
 from elastic_ep.config import ModelSpec
 from elastic_ep.errors import CheckpointError, ConfigError
-from elastic_ep.storage import (
+from elastic_ep.checkpoint import (
     INDEX_FILE,
     PRESETS,
     CheckpointReader,
+    expected_bundle,
     expected_expert,
     expected_fingerprints,
-    fingerprint,
-    fingerprint_stacked,
+    fingerprint_row,
+    fingerprint_rows,
     read_spec,
+    tensor_view,
+    to_row,
     torch_dtype,
     write_synthetic_checkpoint,
 )
+
+
+def _pair(rows: torch.Tensor, spec: ModelSpec = None):
+    """(w13, w2) typed views of byte rows of an unquantized spec."""
+    fmt = (spec or SPEC).expert_format
+    return tensor_view(rows, fmt, "w13"), tensor_view(rows, fmt, "w2")
+
+
+def fingerprint(w13: torch.Tensor, w2: torch.Tensor, spec: ModelSpec = None) -> int:
+    """Fingerprint of an unquantized expert given as its two tensors."""
+    return fingerprint_row(to_row({"w13": w13, "w2": w2}, (spec or SPEC).expert_format))
 
 SPEC = ModelSpec(num_layers=3, num_experts=6, hidden=16, intermediate=8, first_layer=1)
 
@@ -57,7 +71,8 @@ def test_round_trip_every_preset(tmp_path, preset):
     keys = [(0, 0), (1, 5), (2, 3)]
     got = reader.read_experts(keys)
     assert sorted(got) == sorted(keys)
-    for (layer, expert), (w13, w2) in got.items():
+    for (layer, expert), row in got.items():
+        w13, w2 = _pair(row)
         want13, want2 = expected_expert(SPEC, layer, expert)
         assert w13.shape == SPEC.w13_shape and w2.shape == SPEC.w2_shape
         assert w13.dtype == torch.bfloat16
@@ -102,7 +117,7 @@ def test_single_file_without_index(tmp_path):
     assert not (folder / INDEX_FILE).exists() and (folder / "model.safetensors").is_file()
     reader = CheckpointReader(folder, SPEC)
     reader.validate()
-    w13, w2 = reader.read_experts([(2, 4)])[(2, 4)]
+    w13, w2 = _pair(reader.read_experts([(2, 4)])[(2, 4)])
     assert torch.equal(w13, expected_expert(SPEC, 2, 4)[0]) and torch.equal(w2, expected_expert(SPEC, 2, 4)[1])
 
 
@@ -116,10 +131,11 @@ def test_bad_writer_arguments(tmp_path):
 def test_float32_round_trip(tmp_path):
     spec = ModelSpec(num_layers=2, num_experts=4, hidden=16, intermediate=8, dtype="float32")
     folder = write_synthetic_checkpoint(tmp_path / "f32", spec, preset="qwen")
-    got = CheckpointReader(folder, spec, "qwen").read_experts([(1, 3)])[(1, 3)]
+    row = CheckpointReader(folder, spec, "qwen").read_experts([(1, 3)])[(1, 3)]
+    got = _pair(row, spec)
     assert got[0].dtype == torch.float32 == torch_dtype(spec)
     assert all(torch.equal(a, b) for a, b in zip(got, expected_expert(spec, 1, 3)))
-    assert fingerprint(*got) == expected_fingerprints(spec)[1, 3]
+    assert fingerprint_row(row) == expected_fingerprints(spec)[1, 3]
 
 
 # ---------------------------------------------------------------------------
@@ -128,12 +144,10 @@ def test_float32_round_trip(tmp_path):
 
 
 def test_values_encode_identity():
-    inter = SPEC.intermediate
     for layer in range(SPEC.num_layers):
         for expert in range(SPEC.num_experts):
-            w13, w2 = expected_expert(SPEC, layer, expert)
-            for part, kind in ((w13[:inter], 0), (w13[inter:], 1), (w2, 2)):
-                assert part[0, :3].tolist() == [layer, expert, kind]
+            for k, t in enumerate(expected_bundle(SPEC, layer, expert).values()):
+                assert t.reshape(-1)[:3].tolist() == [layer, expert, k]
     fps = expected_fingerprints(SPEC)
     assert fps.shape == (SPEC.num_layers, SPEC.num_experts) and fps.dtype == np.int64
     assert len(np.unique(fps)) == fps.size  # distinct (layer, expert) -> distinct tensors
@@ -172,7 +186,7 @@ def test_other_shards_are_not_opened(ckpt):
     second.write_bytes(b"\xff" * 64)  # layer 2 lives here; reading layers 0-1 must not touch it
     reader = CheckpointReader(ckpt, SPEC)
     got = reader.read_experts([(0, 2), (1, 4)])
-    assert torch.equal(got[(1, 4)][1], expected_expert(SPEC, 1, 4)[1])
+    assert torch.equal(_pair(got[(1, 4)])[1], expected_expert(SPEC, 1, 4)[1])
     with pytest.raises(CheckpointError, match=second.name):
         reader.read_experts([(2, 0)])
 
@@ -180,13 +194,14 @@ def test_other_shards_are_not_opened(ckpt):
 def test_read_layer_slots_stacks_and_repeats(ckpt):
     reader = CheckpointReader(ckpt, SPEC)
     experts = [4, 0, 4, 1]
-    w13, w2 = reader.read_layer_slots(2, experts)
+    rows = reader.read_layer_slots(2, experts)
+    w13, w2 = _pair(rows)
     assert w13.shape == (4, *SPEC.w13_shape) and w2.shape == (4, *SPEC.w2_shape)
     for row, expert in enumerate(experts):
         want13, want2 = expected_expert(SPEC, 2, expert)
         assert torch.equal(w13[row], want13) and torch.equal(w2[row], want2)
     assert reader.bytes_read == 3 * SPEC.expert_bytes
-    assert fingerprint_stacked(w13, w2) == [expected_fingerprints(SPEC)[2, e] for e in experts]
+    assert fingerprint_rows(rows) == [expected_fingerprints(SPEC)[2, e] for e in experts]
 
 
 def test_bad_keys_are_value_errors(ckpt):
@@ -244,7 +259,7 @@ def test_symlink_inside_folder_is_allowed(ckpt):
     os.rename(first, ckpt / "real.bin")
     os.symlink("real.bin", first)
     reader = CheckpointReader(ckpt, SPEC)
-    assert torch.equal(reader.read_experts([(0, 1)])[(0, 1)][0], expected_expert(SPEC, 0, 1)[0])
+    assert torch.equal(_pair(reader.read_experts([(0, 1)])[(0, 1)])[0], expected_expert(SPEC, 0, 1)[0])
 
 
 def test_missing_shard_file(ckpt):
@@ -313,10 +328,10 @@ def test_tensor_in_index_but_not_in_file(tmp_path):
 
 def test_wrong_shape_and_dtype(ckpt):
     wider = ModelSpec(num_layers=3, num_experts=6, hidden=32, intermediate=8, first_layer=1)
-    with pytest.raises(CheckpointError, match=r"gate_proj.*shape \(8, 16\), expected \(8, 32\)"):
+    with pytest.raises(CheckpointError, match=r"gate_proj.*shape \(8, 16\), the model spec needs \(8, 32\)"):
         CheckpointReader(ckpt, wider).read_experts([(0, 0)])
     f32 = ModelSpec(num_layers=3, num_experts=6, hidden=16, intermediate=8, first_layer=1, dtype="float32")
-    with pytest.raises(CheckpointError, match=r"dtype torch\.bfloat16, expected torch\.float32"):
+    with pytest.raises(CheckpointError, match=r"dtype BF16, the model spec needs F32"):
         CheckpointReader(ckpt, f32).read_experts([(0, 0)])
 
 
@@ -369,94 +384,58 @@ def test_read_spec_failures(tmp_path):
     with pytest.raises(CheckpointError, match="moe_intermediate_size"):
         read_spec(tmp_path)
     fp8 = {"n_routed_experts": 8, "moe_intermediate_size": 8, "hidden_size": 16, "num_hidden_layers": 2,
-           "quantization_config": {"quant_method": "fp8"}}
+           "quantization_config": {"quant_method": "awq"}}
     (tmp_path / "config.json").write_text(json.dumps(fp8))
-    with pytest.raises(CheckpointError, match="quantized.*'fp8'"):
+    with pytest.raises(CheckpointError, match="quant_method='awq' is unknown"):
         read_spec(tmp_path)
 
 
 # ---------------------------------------------------------------------------
-# Fingerprints
+# Fingerprints (over each expert's whole byte row)
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_fingerprint_detects_every_single_element_change(dtype):
-    gen = torch.Generator().manual_seed(0)
-    w13 = torch.randn(2 * 8, 16, generator=gen).to(dtype)
-    w2 = torch.randn(16, 8, generator=gen).to(dtype)
-    base = fingerprint(w13, w2)
-    assert fingerprint(w13.clone(), w2.clone()) == base
-    int_view = torch.int32 if dtype == torch.float32 else torch.int16
-    for tensor in (w13, w2):
-        for i in range(tensor.numel()):
-            bits = tensor.view(int_view).view(-1)
-            old = bits[i].item()
-            bits[i] = old ^ 1  # smallest possible change: the lowest mantissa bit
-            assert fingerprint(w13, w2) != base, (tensor.shape, i)
-            bits[i] = old
-    assert fingerprint(w13, w2) == base
+@pytest.mark.parametrize("quant", ["none", "fp8", "mxfp4", "int4"])
+def test_fingerprint_detects_every_single_bit_change_in_any_tensor(quant):
+    spec = ModelSpec(hidden=64, intermediate=32, quant=quant, block=(16, 16), group_size=16, bias=quant == "mxfp4")
+    row = to_row(expected_bundle(spec, 1, 2), spec.expert_format)
+    base = fingerprint_row(row)
+    for i in range(0, row.numel(), 7):  # every tensor, scales and biases included, and the padding
+        for bit in (0, 7):
+            changed = row.clone()
+            changed[i] ^= 1 << bit
+            assert fingerprint_row(changed) != base, (i, bit)
 
 
 def test_fingerprint_distinguishes_swapped_elements_and_signed_zero():
-    w13 = torch.zeros(4, 4, dtype=torch.bfloat16)
-    w2 = torch.zeros(4, 2, dtype=torch.bfloat16)
-    base = fingerprint(w13, w2)
-    w2[0, 0] = -0.0
-    assert fingerprint(w13, w2) != base
-    a = torch.arange(16, dtype=torch.bfloat16).view(4, 4)
-    assert fingerprint(a, w2) != fingerprint(a.flip(0), w2)
+    w13 = torch.zeros(16, 16, dtype=torch.bfloat16)
+    w2 = torch.zeros(16, 8, dtype=torch.bfloat16)
+    w13[0, 0], w13[0, 1] = 1.0, 2.0
+    swapped = w13.clone()
+    swapped[0, 0], swapped[0, 1] = 2.0, 1.0
+    assert fingerprint(w13, w2) != fingerprint(swapped, w2)
+    neg = w2.clone()
+    neg[3, 3] = -0.0
+    assert fingerprint(w13, w2) != fingerprint(w13, neg)
 
 
-def test_fingerprint_stacked_matches_single():
-    w13 = torch.stack([expected_expert(SPEC, 1, e)[0] for e in range(SPEC.num_experts)])
-    w2 = torch.stack([expected_expert(SPEC, 1, e)[1] for e in range(SPEC.num_experts)])
-    assert fingerprint_stacked(w13, w2) == [fingerprint(a, b) for a, b in zip(w13, w2)]
-    assert fingerprint_stacked(w13, w2) == expected_fingerprints(SPEC)[1].tolist()
-    # non-contiguous input gives the same answer as its contiguous copy
-    t13, t2 = w13.transpose(1, 2).contiguous().transpose(1, 2), w2
-    assert fingerprint_stacked(t13, t2) == fingerprint_stacked(w13, w2)
-    with pytest.raises(ValueError, match=r"\(5, 16, 8\)"):
-        fingerprint_stacked(w13, w2[:5])
+def test_weighted_sums_match_the_definition_at_the_extremes():
+    from elastic_ep.checkpoint import weighted_bit_sums
+
+    n = 70000  # past the position-weight period
+    bits = torch.full((2, n), -(1 << 15), dtype=torch.int16)
+    bits[1] = (1 << 15) - 1
+    weights = (torch.arange(n) % 65521 + 1).to(torch.int64)
+    want = [int((bits[r].to(torch.int64) * weights).sum()) for r in range(2)]
+    assert weighted_bit_sums(bits).tolist() == want
 
 
-def _reference_sums(bits: np.ndarray) -> list[int]:
-    """The definition, in exact Python integers: sum of bits x ((i % 65521) + 1), wrapped to int64."""
-    weights = (np.arange(bits.shape[1], dtype=np.int64) % 65521) + 1
-    out = []
-    for row in bits.astype(np.int64):
-        total = int(sum(int(v) * int(w) for v, w in zip(row.tolist(), weights.tolist())))
-        out.append(total)
-    return out
+def test_fingerprint_sums_equal_rows_on_packed_and_strided_rows():
+    from elastic_ep.checkpoint import fingerprint_sums, fingerprints_from_sums
 
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_weighted_sums_match_the_definition_at_the_extremes(dtype):
-    from elastic_ep.storage import _as_bits, _weighted_bit_sums
-
-    # Positions past 65521 wrap the weight; the extreme bit patterns give the largest products.
-    n = 65521 + 50
-    int_view = torch.int16 if dtype == torch.bfloat16 else torch.int32
-    info = torch.iinfo(int_view)
-    bits = torch.full((3, n), info.max, dtype=int_view)
-    bits[1] = info.min
-    bits[2, ::2] = info.min
-    values = bits.view(dtype)
-    got = _weighted_bit_sums(_as_bits(values)).tolist()
-    want = [((v + (1 << 63)) % (1 << 64)) - (1 << 63) for v in _reference_sums(bits.numpy())]
-    assert got == want
-
-
-def test_fingerprint_sums_equal_stacked_on_packed_and_strided_rows():
-    from elastic_ep.storage import fingerprint_sums, fingerprints_from_sums
-
-    w13 = torch.stack([expected_expert(SPEC, 2, e)[0] for e in range(SPEC.num_experts)])
-    w2 = torch.stack([expected_expert(SPEC, 2, e)[1] for e in range(SPEC.num_experts)])
-    n = SPEC.num_experts
-    want = fingerprint_stacked(w13, w2)
-    assert fingerprints_from_sums(fingerprint_sums(w13.reshape(n, -1), w2.reshape(n, -1))) == want
-    flat = torch.cat([w13.reshape(n, -1), w2.reshape(n, -1)], dim=1)  # rows with a stride longer than a half
-    m13 = w13[0].numel()
-    assert fingerprints_from_sums(fingerprint_sums(flat[:, :m13], flat[:, m13:])) == want
-    with pytest.raises(ValueError, match="a13"):
-        fingerprint_sums(flat[:, :m13], flat[:3, m13:])
+    rows = torch.randint(0, 256, (5, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    wide = torch.zeros(5, 96, dtype=torch.uint8)
+    wide[:, 16:80] = rows
+    strided = wide[:, 16:80]
+    assert fingerprints_from_sums(fingerprint_sums(strided)) == fingerprint_rows(rows)
+    assert fingerprint_rows(rows) == [fingerprint_row(r) for r in rows]
