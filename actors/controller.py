@@ -27,6 +27,7 @@ from elastic_ep.errors import (
     VerificationError,
     WorkerStartupError,
 )
+from elastic_ep import metrics
 from elastic_ep.faults import CONTROLLER_PHASES, FaultInjector
 from elastic_ep.layout import ExpertLayout
 from elastic_ep.plan import plan_transfers
@@ -327,6 +328,7 @@ class Controller:
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.state_path)
+        metrics.record_membership(self.prefix, self.epoch, self.members, self.spares, self.dead)
 
     def _resume(self) -> None:
         """Rebuild state after a controller restart; reattach to detached workers by name.
@@ -469,6 +471,7 @@ class Controller:
                 self.dead.add(wid)
                 self._death_time = self._death_time or time.time()
                 self.death_times[wid] = time.time()
+                metrics.record_membership(self.prefix, self.epoch, self.members, self.spares, self.dead)
 
     def _needs_recovery(self) -> bool:
         with self._state_lock:
@@ -967,6 +970,7 @@ class Controller:
                     self.last_error = f"{reason}: {type(exc).__name__}: {exc}"
                     self._blocked = frozenset(self.dead)
                 self._save()
+                metrics.record_failure(self.prefix, reason, exc, _now() - t_start)
                 raise
             with self._state_lock:
                 self.last_error = None
@@ -981,10 +985,12 @@ class Controller:
             out.update(started_at=started_at, finished_at=time.time(),
                        committed_at=getattr(report, "committed_at", None))
             self.history.append(out)
+            metrics.record_reconfiguration(self.prefix, out)
             self._save()
             return out
         with self._state_lock:
             self.last_error = f"{reason} failed after {MAX_ATTEMPTS} attempts: {failures[-1] if failures else ''}"
+        metrics.record_failure(self.prefix, reason, "TransferError", _now() - t_start)
         raise TransferError(f"{reason} failed after {MAX_ATTEMPTS} attempts: " + "; ".join(failures))
 
     def _discard_all(self) -> None:
