@@ -22,6 +22,7 @@ from elastic_ep.errors import (
     CheckpointError,
     ElasticEPError,
     ExpertsLostError,
+    RebalanceInProgressError,
     TransferError,
     UnknownRankError,
     VerificationError,
@@ -106,6 +107,8 @@ class Controller:
         self._blocked: Optional[frozenset] = None  # dead set for which recovery proved impossible
         self._replenish_due = False  # spares to restore (after a controller restart)
         self.history: list[dict] = []
+        self._draining: set[int] = set()  # ranks a drain() is moving experts off
+        self.progress: dict[str, tuple[int, int]] = {}  # long step -> (done, total), read by drivers for bars
         self.restarts = 0
         self._stop = threading.Event()
         self._monitor: Optional[threading.Thread] = None
@@ -710,6 +713,25 @@ class Controller:
             )
         return self._reconfigure("shrink", remove=remove)
 
+    def drain(self, rank) -> dict:
+        """Move a live rank's experts to the others, commit, then release its worker.
+
+        Minimal version for the CLI (the controller rework brings the full one): a shrink of
+        one rank, refused while that rank is already draining. The report's
+        ``safe_to_terminate`` says the worker holds no slot of the layout in force.
+        """
+        wid = self._resolve(rank)
+        with self._state_lock:
+            if rank in self._draining:
+                raise RebalanceInProgressError(f"rank {rank} is already draining; nothing changed")
+            self._draining.add(rank)
+        try:
+            report = self.shrink([rank])
+        finally:
+            with self._state_lock:
+                self._draining.discard(rank)
+        return {**report, "drained": {"rank": int(rank), "worker": wid}, "safe_to_terminate": True}
+
     def verify(self, against_checkpoint: bool = False) -> dict:
         """Fingerprint every live slot and compare with the reference (or a fresh read of the checkpoint)."""
         with self._lock:
@@ -742,6 +764,7 @@ class Controller:
         for layer in range(self.spec.num_layers):
             w13, w2 = reader.read_layer_slots(layer, list(range(self.spec.num_experts)))
             out[layer] = fingerprint_stacked(w13, w2)
+            self.progress["checkpoint"] = (layer + 1, self.spec.num_layers)
         return out
 
     def shutdown(self) -> None:
@@ -1297,6 +1320,7 @@ class Controller:
         for key, ref in refs.items():
             try:
                 out[key] = ray.get(ref, timeout=max(0.01, deadline - _now()))
+                self.progress[what] = (len(out), len(refs))  # drivers draw bars from this (elastic_ep.progress)
             except GetTimeoutError:
                 errors.append(f"{key}: timed out after {timeout_s:.1f}s")
                 ray.cancel(ref, force=False)

@@ -20,6 +20,7 @@ import ray
 from prometheus_client.parser import text_string_to_metric_families
 
 from elastic_ep.cluster import ElasticEPCluster
+from elastic_ep.metrics import SECONDS_BOUNDARIES
 from elastic_ep.testing import small_config
 
 pytestmark = [pytest.mark.timeout(240)]
@@ -72,6 +73,15 @@ def value(samples: dict, name: str, **labels) -> float:
     return hits[0]
 
 
+def bucket(samples: dict, name: str, le: float, **labels) -> float:
+    """The cumulative count of histogram ``name`` at upper bound ``le`` for ``labels``."""
+    rows = samples.get(f"ray_{name}_bucket", [])
+    hits = [v for lab, v in rows
+            if float(lab["le"]) == le and all(lab.get(k) == str(want) for k, want in labels.items())]
+    assert len(hits) == 1, f"{name} le={le} {labels}: {len(hits)} samples among {rows}"
+    return hits[0]
+
+
 def scrape_until(url: str, check) -> dict:
     """Scrape until ``check(samples)`` passes (exports lag the recording by up to an interval)."""
     deadline = time.monotonic() + SCRAPE_WAIT_S
@@ -86,9 +96,12 @@ def scrape_until(url: str, check) -> dict:
             time.sleep(1.0)
 
 
-def test_rebalance_and_recovery_show_up_in_the_scrape(metrics_ray, small_checkpoint, tmp_path):
+def test_rebalance_and_recovery_show_up_in_the_scrape(metrics_ray, small_checkpoint, tmp_path, capsys):
     cfg = small_config(small_checkpoint, tmp_path)
-    with ElasticEPCluster(cfg) as cluster:
+    cluster = ElasticEPCluster(cfg)
+    cluster.start(progress=True)  # bars drawn from the controller's progress while it loads
+    assert "loading experts" in capsys.readouterr().err
+    with cluster:
         tag = cluster.prefix
         cluster.run_workload(batches=8, tokens_per_batch=4096, zipf_s=1.5)
         rep = cluster.rebalance()
@@ -106,8 +119,14 @@ def test_rebalance_and_recovery_show_up_in_the_scrape(metrics_ray, small_checkpo
         assert value(s, "elastic_ep_ranks", cluster=tag) == 4
         assert value(s, "elastic_ep_spares_ready", cluster=tag) == 1
         assert value(s, "elastic_ep_dead_members", cluster=tag) == 0
-        plan_s = value(s, "elastic_ep_phase_seconds_sum", cluster=tag, reason="rebalance", phase="plan")
-        assert plan_s == pytest.approx(rep["phases"]["plan"], rel=1e-6)
+        # The plan's seconds fall in the bucket of the first boundary at or above them (Ray's sums are bucket midpoints).
+        plan_s = rep["phases"]["plan"]
+        upper = min(b for b in SECONDS_BOUNDARIES if b >= plan_s)
+        lower = [b for b in SECONDS_BOUNDARIES if b < plan_s]
+        plan = dict(cluster=tag, reason="rebalance", phase="plan")
+        assert bucket(s, "elastic_ep_phase_seconds", upper, **plan) == 1
+        if lower:
+            assert bucket(s, "elastic_ep_phase_seconds", max(lower), **plan) == 0
 
         # A worker killed the way the world kills it: the spare takes over, backups refill its slots.
         pid = ray.get(cluster.worker(1).ping.remote(), timeout=30)["pid"]
