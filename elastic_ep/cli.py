@@ -117,10 +117,13 @@ def cmd_demo(args) -> int:
 def cmd_chaos(args) -> int:
     from .chaos import run_chaos
 
-    result = run_chaos(kills=args.kills, seed=args.seed, workdir=args.workdir, progress=True)
+    from .quiet import quiet_worker_deaths
+
+    with quiet_worker_deaths("the chaos run's kills"):
+        result = run_chaos(kills=args.kills, seed=args.seed, workdir=args.workdir, progress=True)
     text = json.dumps(result, indent=2)
     print(text)
-    if args.json:  # Ray prints a line per killed worker: a file keeps the summary clean
+    if args.json:  # a file for machines (Ray's per-kill notices are kept off the terminal, see elastic_ep.quiet)
         Path(args.json).write_text(text + "\n")
     return 0 if result["ok"] else 1
 
@@ -281,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.cmd == "demo":  # the demo kills a worker on purpose
+            from .quiet import quiet_worker_deaths
+
+            with quiet_worker_deaths("the demo's kill"):
+                return args.func(args)
         return args.func(args)
     except (ElasticEPError, ConnectionError) as exc:  # ConnectionError: ray.init found no cluster
         print(f"elastic-ep: error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -131,6 +131,10 @@ def test_rebalance_and_recovery_show_up_in_the_scrape(metrics_ray, small_checkpo
         # A worker killed the way the world kills it: the spare takes over, backups refill its slots.
         pid = ray.get(cluster.worker(1).ping.remote(), timeout=30)["pid"]
         os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while not any(h["reason"] == "recover" for h in cluster.status()["history"]):
+            assert time.monotonic() < deadline, "the kill was never recovered"
+            time.sleep(0.1)
         status = cluster.wait_healthy(timeout_s=90)
         rec = next(h for h in reversed(status["history"]) if h["reason"] == "recover")
 
