@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -168,8 +169,8 @@ class ElasticEPCluster:
             if started:
                 ray.shutdown()
             raise
-        self = cls(cfg)
-        self.state_dir, self.prefix = state_dir, prefix
+        self = cls(dataclasses.replace(cfg, state_dir=state_dir))
+        self.prefix = prefix
         self._controller, self._started_ray, self._attached = controller, started, True
         return self
 
