@@ -357,7 +357,10 @@ def _connect(address: Optional[str]) -> None:
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
     except ConnectionError as exc:
-        raise ClusterNotFoundError(f"no Ray cluster found at {address!r}: {exc}") from None
+        hint = "" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else (
+            "; if it uses token authentication (Ray 2.60 turns it on where a token exists), "
+            "export RAY_AUTH_MODE=token and try again")
+        raise ClusterNotFoundError(f"no Ray cluster found at {address!r}: {exc}{hint}") from None
     except Exception as exc:
         if type(exc).__name__ == "AuthenticationError":
             raise ClusterNotFoundError(

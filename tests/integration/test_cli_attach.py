@@ -43,9 +43,12 @@ def checkpoint(tmp_path_factory):
     return str(write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt"), SMALL, num_shards=2))
 
 
-def cli(head: LocalHead, *args: str, address: str | None = None) -> subprocess.CompletedProcess:
-    """One `elastic-ep` command against the head (token auth on, as the head's env sets it)."""
+def cli(head: LocalHead, *args: str, address: str | None = None,
+        token_mode: bool = True) -> subprocess.CompletedProcess:
+    """One `elastic-ep` command against the head (token auth on, as the head's env sets it, unless told)."""
     env = dict(head.env, PYTHONPATH=str(ROOT))
+    if not token_mode:
+        env.pop("RAY_AUTH_MODE")
     cmd = [sys.executable, "-m", "elastic_ep.cli", *args, "--address", address or f"127.0.0.1:{head.gcs_port}"]
     return subprocess.run(cmd, env=env, cwd=head.temp_dir, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
 
@@ -118,3 +121,5 @@ def test_bad_addresses_and_names_exit_with_a_clear_message(head):
     refused(cli(head, "status", address=f"127.0.0.1:{_free_port()}"), "no Ray cluster answers at")
     refused(cli(head, "status", address=head.address), "dashboard URL")
     refused(cli(head, "status", "--name", "nosuch"), "no elastic-ep cluster named 'nosuch'")
+    # Ray 2.60 sends the token only in token mode: a client without it is told the fix.
+    refused(cli(head, "status", token_mode=False), "export RAY_AUTH_MODE=token")
