@@ -1,7 +1,8 @@
 """The ``elastic-ep`` command: demo, make-checkpoint, chaos, and commands against a running cluster.
 
     elastic-ep start --checkpoint CKPT [--address A] [--name N]   a cluster that outlives the command
-    elastic-ep status | rebalance | verify | grow N | drain RANK | shrink RANK... | stop   [--address A] [--name N] [--json]
+    elastic-ep status | rebalance | verify | grow N | drain RANK | shrink RANK... | stop
+               [--address A] [--name N] [--json]                        attach to it by name, act, let go
 """
 
 from __future__ import annotations
@@ -187,8 +188,9 @@ def cmd_cluster(args) -> int:
         text = format_report(rep)
         if args.cmd == "drain":
             drained = rep.get("drained", {})
-            text += (f"\n  rank {drained.get('rank', args.rank)} (worker {drained.get('worker')}) holds no slot any more: "
-                     + ("safe to terminate its process or node" if rep.get("safe_to_terminate") else "NOT yet safe to terminate"))
+            safe = rep.get("safe_to_terminate")
+            text += (f"\n  rank {drained.get('rank', args.rank)} (worker {drained.get('worker')}) holds no slot any "
+                     f"more: {'safe to terminate its process or node' if safe else 'NOT yet safe to terminate'}")
         _print_result(args, rep, text)
         return 0
 

@@ -221,7 +221,7 @@ class ElasticEPCluster:
         return self._call("status")
 
     def drain(self, rank: int) -> dict:
-        """Move a live rank's experts to the others, commit, then release it (see the report's ``safe_to_terminate``)."""
+        """Move a live rank's experts to the others, commit, then release it (report: ``safe_to_terminate``)."""
         return self._call("drain", rank)
 
     def rebalance(self, load=None) -> dict:
@@ -343,7 +343,8 @@ def _connect(address: Optional[str]) -> None:
     address = address or "auto"
     if address.startswith(("http://", "https://")):
         raise ClusterNotFoundError(
-            f"address {address!r} is a dashboard URL; attach needs the Ray (GCS) address, e.g. 127.0.0.1:6379, or 'auto'"
+            f"address {address!r} is a dashboard URL; attach needs the Ray (GCS) address, e.g. 127.0.0.1:6379, "
+            "or 'auto'"
         )
     if address != "auto":
         host, _, port = address.rpartition(":")

@@ -113,7 +113,8 @@ def failure_samples(cluster: str, reason: str, error: Union[BaseException, str],
     ``error``: the exception, or its class name.
     """
     name = error if isinstance(error, str) else type(error).__name__
-    out = [Sample("elastic_ep_reconfigurations_total", 1.0, _tags(cluster, reason=reason, outcome="failed", error=name))]
+    tags = _tags(cluster, reason=reason, outcome="failed", error=name)
+    out = [Sample("elastic_ep_reconfigurations_total", 1.0, tags)]
     if elapsed_s is not None:
         out.append(Sample("elastic_ep_reconfiguration_seconds", float(elapsed_s),
                           _tags(cluster, reason=reason, outcome="failed")))
@@ -190,7 +191,8 @@ def record_reconfiguration(cluster: str, report: dict) -> int:
     return apply(reconfiguration_samples(cluster, report))
 
 
-def record_failure(cluster: str, reason: str, error: Union[BaseException, str], elapsed_s: Optional[float] = None) -> int:
+def record_failure(cluster: str, reason: str, error: Union[BaseException, str],
+                   elapsed_s: Optional[float] = None) -> int:
     """Record a reconfiguration that gave up (controller: where it raises)."""
     return apply(failure_samples(cluster, reason, error, elapsed_s))
 

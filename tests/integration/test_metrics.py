@@ -45,7 +45,8 @@ def metrics_ray():
         num_cpus=4, include_dashboard=False, namespace="elastic-ep-metrics-tests", log_to_driver=False,
         _temp_dir=tempfile.mkdtemp(prefix="eepm", dir="/tmp"), _metrics_export_port=port,
         _system_config={"metrics_report_interval_ms": 1000},
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}},
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                              os.environ.get("PYTHONPATH")]))}},
     )
     try:
         yield f"http://127.0.0.1:{port}/metrics"
@@ -119,7 +120,8 @@ def test_rebalance_and_recovery_show_up_in_the_scrape(metrics_ray, small_checkpo
         assert value(s, "elastic_ep_ranks", cluster=tag) == 4
         assert value(s, "elastic_ep_spares_ready", cluster=tag) == 1
         assert value(s, "elastic_ep_dead_members", cluster=tag) == 0
-        # The plan's seconds fall in the bucket of the first boundary at or above them (Ray's sums are bucket midpoints).
+        # The plan's seconds fall in the bucket of the first boundary at or above them (Ray's sums are only
+        # bucket midpoints).
         plan_s = rep["phases"]["plan"]
         upper = min(b for b in SECONDS_BOUNDARIES if b >= plan_s)
         lower = [b for b in SECONDS_BOUNDARIES if b < plan_s]
