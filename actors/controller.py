@@ -22,11 +22,13 @@ from elastic_ep.errors import (
     CheckpointError,
     ElasticEPError,
     ExpertsLostError,
+    RebalanceInProgressError,
     TransferError,
     UnknownRankError,
     VerificationError,
     WorkerStartupError,
 )
+from elastic_ep import metrics
 from elastic_ep.faults import CONTROLLER_PHASES, FaultInjector
 from elastic_ep.layout import ExpertLayout
 from elastic_ep.plan import plan_transfers
@@ -105,6 +107,8 @@ class Controller:
         self._blocked: Optional[frozenset] = None  # dead set for which recovery proved impossible
         self._replenish_due = False  # spares to restore (after a controller restart)
         self.history: list[dict] = []
+        self._draining: set[int] = set()  # ranks a drain() is moving experts off
+        self.progress: dict[str, tuple[int, int]] = {}  # long step -> (done, total), read by drivers for bars
         self.restarts = 0
         self._stop = threading.Event()
         self._monitor: Optional[threading.Thread] = None
@@ -297,6 +301,7 @@ class Controller:
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.state_path)
+        metrics.record_membership(self.prefix, self.epoch, self.members, self.spares, self.dead)
 
     def _resume(self) -> None:
         """Rebuild state after a controller restart; reattach to detached workers by name.
@@ -439,6 +444,7 @@ class Controller:
                 self.dead.add(wid)
                 self._death_time = self._death_time or time.time()
                 self.death_times[wid] = time.time()
+                metrics.record_membership(self.prefix, self.epoch, self.members, self.spares, self.dead)
 
     def _needs_recovery(self) -> bool:
         with self._state_lock:
@@ -680,6 +686,25 @@ class Controller:
             )
         return self._reconfigure("shrink", remove=remove)
 
+    def drain(self, rank) -> dict:
+        """Move a live rank's experts to the others, commit, then release its worker.
+
+        Minimal version for the CLI (the controller rework brings the full one): a shrink of
+        one rank, refused while that rank is already draining. The report's
+        ``safe_to_terminate`` says the worker holds no slot of the layout in force.
+        """
+        wid = self._resolve(rank)
+        with self._state_lock:
+            if rank in self._draining:
+                raise RebalanceInProgressError(f"rank {rank} is already draining; nothing changed")
+            self._draining.add(rank)
+        try:
+            report = self.shrink([rank])
+        finally:
+            with self._state_lock:
+                self._draining.discard(rank)
+        return {**report, "drained": {"rank": int(rank), "worker": wid}, "safe_to_terminate": True}
+
     def verify(self, against_checkpoint: bool = False) -> dict:
         """Fingerprint every live slot and compare with the reference (or a fresh read of the checkpoint)."""
         with self._lock:
@@ -707,7 +732,12 @@ class Controller:
     def _checkpoint_fingerprints(self) -> np.ndarray:
         from elastic_ep.checkpoint import CheckpointReader
 
-        return CheckpointReader(self.cfg.checkpoint, self.spec, self.cfg.preset).fingerprints()
+        reader = CheckpointReader(self.cfg.checkpoint, self.spec, self.cfg.preset)
+
+        def on_layer(done: int, total: int) -> None:
+            self.progress["checkpoint"] = (done, total)
+
+        return reader.fingerprints(on_layer)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -935,6 +965,7 @@ class Controller:
                     self.last_error = f"{reason}: {type(exc).__name__}: {exc}"
                     self._blocked = frozenset(self.dead)
                 self._save()
+                metrics.record_failure(self.prefix, reason, exc, _now() - t_start)
                 raise
             with self._state_lock:
                 self.last_error = None
@@ -949,10 +980,12 @@ class Controller:
             out.update(started_at=started_at, finished_at=time.time(),
                        committed_at=getattr(report, "committed_at", None))
             self.history.append(out)
+            metrics.record_reconfiguration(self.prefix, out)
             self._save()
             return out
         with self._state_lock:
             self.last_error = f"{reason} failed after {MAX_ATTEMPTS} attempts: {failures[-1] if failures else ''}"
+        metrics.record_failure(self.prefix, reason, "TransferError", _now() - t_start)
         raise TransferError(f"{reason} failed after {MAX_ATTEMPTS} attempts: " + "; ".join(failures))
 
     def _discard_all(self) -> None:
@@ -1259,6 +1292,7 @@ class Controller:
         for key, ref in refs.items():
             try:
                 out[key] = ray.get(ref, timeout=max(0.01, deadline - _now()))
+                self.progress[what] = (len(out), len(refs))  # drivers draw bars from this (elastic_ep.progress)
             except GetTimeoutError:
                 errors.append(f"{key}: timed out after {timeout_s:.1f}s")
                 ray.cancel(ref, force=False)

@@ -1,4 +1,9 @@
-"""The ``elastic-ep`` command: demo, make-checkpoint, chaos."""
+"""The ``elastic-ep`` command: demo, make-checkpoint, chaos, and commands against a running cluster.
+
+    elastic-ep start --checkpoint CKPT [--address A] [--name N]   a cluster that outlives the command
+    elastic-ep status | rebalance | verify | grow N | drain RANK | shrink RANK... | stop
+               [--address A] [--name N] [--json]                        attach to it by name, act, let go
+"""
 
 from __future__ import annotations
 
@@ -136,16 +141,114 @@ def cmd_demo(args) -> int:
 def cmd_chaos(args) -> int:
     from .chaos import run_chaos
 
-    result = run_chaos(kills=args.kills, seed=args.seed, workdir=args.workdir, progress=True)
+    from .quiet import quiet_worker_deaths
+
+    with quiet_worker_deaths("the chaos run's kills"):
+        result = run_chaos(kills=args.kills, seed=args.seed, workdir=args.workdir, progress=True)
     text = json.dumps(result, indent=2)
     print(text)
-    if args.json:  # Ray prints a line per killed worker: a file keeps the summary clean
+    if args.json:  # a file for machines (Ray's per-kill notices are kept off the terminal, see elastic_ep.quiet)
         Path(args.json).write_text(text + "\n")
     return 0 if result["ok"] else 1
 
 
+# -- commands against a running cluster ---------------------------------------------------------
+
+
+def _print_result(args, result: dict, text: str) -> None:
+    print(json.dumps(result, indent=1, default=str) if args.json else text)
+
+
+def format_status(st: dict, prefix: str) -> str:
+    """A readable summary of ``status()``: membership, health, the last reconfigurations."""
+    dead = set(st["dead"])
+    ranks = ", ".join(f"{r}:{w}{' (dead)' if w in dead else ''}" for r, w in st["ranks"].items())
+    spares = ", ".join(f"{w}{' (dead)' if w in dead else ''}" for w in st["spares"]) or "none"
+    lines = [
+        f"cluster {prefix}: epoch {st['epoch']}, {len(st['ranks'])} ranks, {len(st['spares'])} spares"
+        + (", reconfiguring" if st["busy"] else ""),
+        f"  ranks: {ranks}",
+        f"  spares: {spares}",
+        f"  health: {'all experts served' if not st['unserved'] else str(len(st['unserved'])) + ' experts unserved'}"
+        + (f", lost {len(st['lost'])}" if st["lost"] else "") + f", controller restarts {st['restarts']}",
+    ]
+    if st.get("last_error"):
+        lines.append(f"  last error: {st['last_error']}")
+    for h in st.get("history", [])[-5:]:
+        lines.append(f"  {h['reason']}: epoch {h['epoch_from']} -> {h.get('epoch_to')} in {h.get('total_s', 0):.2f}s"
+                     + (" (nothing moved)" if h.get("noop") else ""))
+    return "\n".join(lines)
+
+
+def cmd_cluster(args) -> int:
+    """Attach to a running cluster, run one command, print the outcome, let go (or stop it: ``stop``)."""
+    from .cluster import ElasticEPCluster
+    from .report import format_report
+
+    with ElasticEPCluster.attach(args.address, args.name) as cluster:
+        if args.cmd == "status":
+            st = cluster.status()
+            _print_result(args, {"cluster": cluster.prefix, **st}, format_status(st, cluster.prefix))
+            return 0
+        if args.cmd == "verify":
+            ver = cluster.verify(against_checkpoint=args.checkpoint)
+            _print_result(args, ver, f"{ver['slots_checked']} slots checked at epoch {ver['epoch']}, "
+                                     f"{ver['num_bad']} bad, unreachable ranks {ver['ranks_unreachable']} -> "
+                                     f"{'OK' if ver['ok'] else 'FAILED'}")
+            return 0 if ver["ok"] else 1
+        if args.cmd == "stop":
+            cluster.shutdown()
+            _print_result(args, {"stopped": cluster.prefix}, f"stopped cluster {cluster.prefix}")
+            return 0
+        if args.cmd == "rebalance":
+            rep = cluster.rebalance()
+        elif args.cmd == "grow":
+            rep = cluster.grow(args.num_ranks)
+        elif args.cmd == "shrink":
+            rep = cluster.shrink(args.ranks)
+        else:  # drain
+            rep = cluster.drain(args.rank)
+        text = format_report(rep)
+        if args.cmd == "drain":
+            drained = rep.get("drained", {})
+            safe = rep.get("safe_to_terminate")
+            text += (f"\n  rank {drained.get('rank', args.rank)} (worker {drained.get('worker')}) holds no slot any "
+                     f"more: {'safe to terminate its process or node' if safe else 'NOT yet safe to terminate'}")
+        _print_result(args, rep, text)
+        return 0
+
+
+def cmd_start(args) -> int:
+    """Start a cluster whose controller outlives this command, on a running Ray."""
+    from .cluster import ElasticEPCluster
+
+    spec = _spec_from_args(args)
+    cfg = ClusterConfig(
+        model=spec, checkpoint=args.checkpoint, preset=args.preset, num_ranks=args.ranks, slots_per_rank=args.slots,
+        num_spares=args.spares, device=args.device, address=args.address, state_dir=args.state_dir, name=args.name,
+    )
+    cluster = ElasticEPCluster(cfg)
+    try:
+        info = cluster.start(detached=True)
+    finally:
+        cluster.detach()  # the cluster keeps running; this process lets go of Ray
+    result = {"cluster": cluster.prefix, "name": args.name, "state_dir": cluster.state_dir, **info}
+    _print_result(args, result, f"started cluster {cluster.prefix}: {args.ranks} ranks x {args.slots} slots + "
+                                f"{args.spares} spares in {info['start_s']:.1f}s (state in {cluster.state_dir}); "
+                                f"it keeps running after this command: `elastic-ep stop --name {args.name}` ends it")
+    return 0
+
+
+def _add_attach_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="auto",
+                   help="Ray (GCS) address host:port of the cluster, or 'auto' for this machine's Ray (default)")
+    p.add_argument("--name", default="elastic-ep", help="cluster name it was started with, or its full prefix")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="elastic-ep", description=__doc__)
+    p = argparse.ArgumentParser(prog="elastic-ep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     demo = sub.add_parser("demo", help="run the local end-to-end demo (embedded Ray, CPU)")
@@ -176,14 +279,49 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--workdir", default=None)
     ch.add_argument("--json", default=None, help="also write the summary to this file")
     ch.set_defaults(func=cmd_chaos)
+
+    st = sub.add_parser("start", help="start a cluster on a running Ray; it outlives this command")
+    _add_attach_args(st)
+    _add_spec_args(st)
+    st.add_argument("--checkpoint", required=True, help="folder of a HF-style safetensors checkpoint")
+    st.add_argument("--preset", default="deepseek", choices=["deepseek", "qwen", "mixtral"])
+    st.add_argument("--ranks", type=int, default=4)
+    st.add_argument("--slots", type=int, default=20, help="slots per rank")
+    st.add_argument("--spares", type=int, default=1)
+    st.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    st.add_argument("--state-dir", default=None, help="where the controller keeps its state (default: a temp dir)")
+    st.set_defaults(func=cmd_start)
+    for name, help_text in (("status", "membership, health and the last reconfigurations of a running cluster"),
+                            ("rebalance", "re-place experts by the recorded load"),
+                            ("verify", "check every slot against its expert's fingerprint (exit 1 if any differs)"),
+                            ("grow", "add ranks"), ("shrink", "remove ranks (their experts move to the others)"),
+                            ("drain", "move a live rank's experts away, commit, release it; says when it is safe "
+                                      "to terminate"),
+                            ("stop", "stop a running cluster (every worker and its controller)")):
+        c = sub.add_parser(name, help=help_text)
+        _add_attach_args(c)
+        if name == "verify":
+            c.add_argument("--checkpoint", action="store_true", help="against a fresh read of the checkpoint")
+        elif name == "grow":
+            c.add_argument("num_ranks", type=int, nargs="?", default=1, help="ranks to add (default 1)")
+        elif name == "shrink":
+            c.add_argument("ranks", type=int, nargs="+", help="rank ids to remove")
+        elif name == "drain":
+            c.add_argument("rank", type=int, help="rank id to drain")
+        c.set_defaults(func=cmd_cluster)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.cmd == "demo":  # the demo kills a worker on purpose
+            from .quiet import quiet_worker_deaths
+
+            with quiet_worker_deaths("the demo's kill"):
+                return args.func(args)
         return args.func(args)
-    except ElasticEPError as exc:
+    except (ElasticEPError, ConnectionError) as exc:  # ConnectionError: ray.init found no cluster
         print(f"elastic-ep: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 

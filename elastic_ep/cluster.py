@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -12,12 +13,26 @@ from typing import Optional, Union
 import numpy as np
 
 from .config import ClusterConfig
-from .errors import ConfigError, ElasticEPError, UnknownRankError
+from .errors import ClusterNotFoundError, ConfigError, ElasticEPError, UnknownRankError
 from .workload import SkewedRouter, logical_to_slot_counts
+
+
+NAMESPACE = "elastic-ep"  # Ray namespace of every controller, so other processes can attach by name
+CONTROLLER_SUFFIX = "-controller"  # a controller's actor name: f"{cluster prefix}{CONTROLLER_SUFFIX}"
+CONNECT_TIMEOUT_S = 5.0  # bound on reaching a Ray address before attaching
 
 
 def _repo_root() -> str:
     return str(Path(__file__).resolve().parents[1])
+
+
+def _runtime_env() -> dict:
+    """Workers import elastic_ep and actors from this repository (NCCL switches pass through)."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [_repo_root(), os.environ.get("PYTHONPATH")]))}
+    for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return {"env_vars": env}
 
 
 class ElasticEPCluster:
@@ -43,21 +58,25 @@ class ElasticEPCluster:
         self.state_dir = config.state_dir or tempfile.mkdtemp(prefix="eep-state-")
         self.prefix = f"{config.name}-{uuid.uuid4().hex[:6]}"
         self.last_start: Optional[dict] = None
+        self._attached = False  # True: reached through attach(); leaving detaches instead of stopping
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> dict:
-        """Connect to Ray (embedded when no address is given), start the controller and workers."""
+    def start(self, detached: bool = False, progress: Optional[bool] = None) -> dict:
+        """Connect to Ray (embedded when no address is given), start the controller and workers.
+
+        ``detached``: the controller outlives this process (``elastic-ep start``); stop it with
+        ``ElasticEPCluster.attach(address, name).shutdown()``. Needs a Ray that outlives it too.
+        ``progress``: bars for loading and backups (None: only on a terminal).
+        """
         import ray
 
         from actors.controller import controller_actor_class
 
+        if self._controller is not None:
+            return self.last_start or {}
         if not ray.is_initialized():
-            env = {"PYTHONPATH": os.pathsep.join(filter(None, [_repo_root(), os.environ.get("PYTHONPATH")]))}
-            for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-                if key in os.environ:
-                    env[key] = os.environ[key]
-            kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=False, namespace="elastic-ep")
+            kwargs = dict(runtime_env=_runtime_env(), log_to_driver=False, namespace=NAMESPACE)
             if self.config.address is None:
                 kwargs["address"] = "local"  # never join a stray cluster through RAY_ADDRESS
                 kwargs.update(include_dashboard=False, configure_logging=False)
@@ -67,16 +86,19 @@ class ElasticEPCluster:
             kwargs.update(self._ray_kwargs)
             ray.init(**kwargs)
             self._started_ray = True
+        if detached:  # it outlives this process: another one of this name would be ambiguous to attach to
+            _refuse_running(self.config.name)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         cls = controller_actor_class()
         # Next to the driver when it can be (soft: a restart after that node died goes elsewhere).
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self._controller = cls.options(name=f"{self.prefix}-controller", scheduling_strategy=here).remote(
-            self.config, self.state_dir, self.prefix
-        )
+        opts = dict(name=f"{self.prefix}{CONTROLLER_SUFFIX}", namespace=NAMESPACE, scheduling_strategy=here)
+        if detached:
+            opts["lifetime"] = "detached"
+        self._controller = cls.options(**opts).remote(self.config, self.state_dir, self.prefix)
         try:
-            self.last_start = self._call("start", timeout=self.config.startup_timeout_s * 3)
+            self.last_start = self._call_with_bars("start", timeout=self.config.startup_timeout_s * 3, show=progress)
         except BaseException:
             self.shutdown()  # no detached worker outlives a failed start (a with-block never reaches __exit__)
             raise
@@ -100,12 +122,57 @@ class ElasticEPCluster:
             ray.shutdown()
             self._started_ray = False
 
+    def detach(self) -> None:
+        """Let go of the cluster without stopping it (and disconnect from Ray if this object connected)."""
+        import ray
+
+        self._controller = None
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False
+
     def __enter__(self) -> "ElasticEPCluster":
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.shutdown()
+        if self._attached:
+            self.detach()
+        else:
+            self.shutdown()
+
+    # -- attaching to a running cluster ----------------------------------------------------
+
+    @classmethod
+    def attach(cls, address: Optional[str] = "auto", name: str = "elastic-ep") -> "ElasticEPCluster":
+        """The cluster named ``name`` that another process started on the Ray at ``address``.
+
+        ``address``: a Ray (GCS) address ``host:port``, or ``auto`` for the Ray of this machine
+        (or ``RAY_ADDRESS``). ``name``: the ``ClusterConfig.name`` it was started with, or its
+        full prefix (``<name>-<id>``, as ``status`` shows) when several share a name.
+        Raises ClusterNotFoundError when no Ray answers or no such cluster runs there.
+        Leaving a ``with`` block (or ``detach()``) lets go; ``shutdown()`` stops the cluster.
+        """
+        import ray
+
+        started = False
+        if not ray.is_initialized():
+            _connect(address)
+            started = True
+        try:
+            prefix = find_cluster(name)
+            controller = ray.get_actor(prefix + CONTROLLER_SUFFIX, namespace=NAMESPACE)
+            cfg, state_dir = ray.get(
+                controller.__ray_call__.remote(lambda c: (c.cfg, str(c.state_path.parent))), timeout=30.0
+            )
+        except BaseException:
+            if started:
+                ray.shutdown()
+            raise
+        self = cls(dataclasses.replace(cfg, state_dir=state_dir))
+        self.prefix = prefix
+        self._controller, self._started_ray, self._attached = controller, started, True
+        return self
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -133,8 +200,29 @@ class ElasticEPCluster:
                     raise
                 time.sleep(0.2)  # the controller is restarting: it resumes from its saved state
 
+    def _call_with_bars(self, method: str, *args, timeout: float, show: Optional[bool] = None):
+        """A controller call that draws progress bars of its long steps (elastic_ep.progress) while it runs."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+
+        from .progress import wait_with_bars
+
+        controller = self._controller
+        try:
+            return wait_with_bars(lambda: getattr(controller, method).remote(*args),
+                                  lambda: ray.get(controller.__ray_call__.remote(lambda c: c.progress), timeout=5.0),
+                                  timeout, show)
+        except RayTaskError as exc:
+            raise (exc.cause if getattr(exc, "cause", None) is not None else exc) from None
+        except (ActorUnavailableError, ActorDiedError):
+            return self._call(method, *args, timeout=timeout)  # a restarting controller: retried there
+
     def status(self) -> dict:
         return self._call("status")
+
+    def drain(self, rank: int) -> dict:
+        """Move a live rank's experts to the others, commit, then release it (report: ``safe_to_terminate``)."""
+        return self._call("drain", rank)
 
     def rebalance(self, load=None) -> dict:
         """Re-place experts by the recorded load, or by ``load`` [num_layers, num_experts] when given.
@@ -156,8 +244,11 @@ class ElasticEPCluster:
     def shrink(self, ranks: Union[int, list[int]]) -> dict:
         return self._call("shrink", [ranks] if isinstance(ranks, int) else list(ranks))
 
-    def verify(self, against_checkpoint: bool = False) -> dict:
+    def verify(self, against_checkpoint: bool = False, progress: Optional[bool] = None) -> dict:
         """Check every slot's weights against its logical expert's reference fingerprint."""
+        if against_checkpoint:
+            limit = self.config.call_timeout_s + 2 * self.config.transfer_timeout_s  # as _call's default
+            return self._call_with_bars("verify", True, timeout=limit, show=progress)
         return self._call("verify", against_checkpoint)
 
     def kill(self, rank: Union[int, str], allow_restart: bool = False) -> str:
@@ -241,3 +332,71 @@ class ElasticEPCluster:
     @property
     def controller(self):
         return self._controller
+
+
+def _connect(address: Optional[str]) -> None:
+    """ray.init to an existing cluster, or ClusterNotFoundError naming the address and the fix."""
+    import socket
+
+    import ray
+
+    address = address or "auto"
+    if address.startswith(("http://", "https://")):
+        raise ClusterNotFoundError(
+            f"address {address!r} is a dashboard URL; attach needs the Ray (GCS) address, e.g. 127.0.0.1:6379, "
+            "or 'auto'"
+        )
+    if address != "auto":
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as exc:
+            raise ClusterNotFoundError(
+                f"no Ray cluster answers at {address!r} ({type(exc).__name__}: {exc}); start one with "
+                "`ray start --head` or pass the GCS address it printed (host:6379)"
+            ) from None
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    except ConnectionError as exc:
+        hint = "" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else (
+            "; if it uses token authentication (Ray 2.60 turns it on where a token exists), "
+            "export RAY_AUTH_MODE=token and try again")
+        raise ClusterNotFoundError(f"no Ray cluster found at {address!r}: {exc}{hint}") from None
+    except Exception as exc:
+        if type(exc).__name__ == "AuthenticationError":
+            raise ClusterNotFoundError(
+                f"the Ray cluster at {address!r} refused the connection ({exc}); it uses token authentication: "
+                "export RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            ) from None
+        raise
+
+
+def _refuse_running(name: str) -> None:
+    try:
+        running = find_cluster(name)
+    except ClusterNotFoundError:
+        return
+    raise ConfigError(f"a cluster named {name!r} already runs ({running}); attach to it "
+                      f"(elastic-ep status --name {name}) or pick another name")
+
+
+def find_cluster(name: str) -> str:
+    """The prefix of the one running cluster called ``name`` (or whose prefix is ``name``)."""
+    import ray
+
+    prefixes = sorted(
+        a["name"][: -len(CONTROLLER_SUFFIX)]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == NAMESPACE and a["name"].endswith(CONTROLLER_SUFFIX)
+    )
+    if name in prefixes:
+        return name
+    matches = [p for p in prefixes if p.rsplit("-", 1)[0] == name]
+    if not matches:
+        running = ", ".join(prefixes) or "none"
+        raise ClusterNotFoundError(f"no elastic-ep cluster named {name!r} runs on this Ray (running: {running})")
+    if len(matches) > 1:
+        raise ClusterNotFoundError(
+            f"{len(matches)} clusters are named {name!r}: {matches}; pass the full one, e.g. --name {matches[0]}"
+        )
+    return matches[0]

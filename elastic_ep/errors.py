@@ -66,3 +66,7 @@ class RebalanceInProgressError(ElasticEPError):
 
 class UnknownRankError(ElasticEPError, ValueError):
     """A rank id that the cluster does not have was named."""
+
+
+class ClusterNotFoundError(ElasticEPError):
+    """No Ray answers at the address, or no elastic-ep cluster of that name runs there."""

@@ -29,6 +29,7 @@ except ImportError:  # not installed: use the repository this script sits in
 
 from elastic_ep.cluster import ElasticEPCluster  # noqa: E402
 from elastic_ep.config import ClusterConfig, ModelSpec  # noqa: E402
+from elastic_ep.quiet import quiet_worker_deaths  # noqa: E402
 from elastic_ep.report import format_report  # noqa: E402
 from elastic_ep.storage import write_synthetic_checkpoint  # noqa: E402
 
@@ -73,4 +74,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with quiet_worker_deaths("this example's kills"):  # Ray prints a paragraph per killed worker otherwise
+        code = main()
+    sys.exit(code)

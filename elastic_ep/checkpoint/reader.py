@@ -235,11 +235,16 @@ class CheckpointReader:
             )
         self._read(keys, "cpu", lambda *a: None, data=False)
 
-    def fingerprints(self) -> np.ndarray:
-        """int64 ``[num_layers, num_experts]``: fingerprint of every expert's bundle as the checkpoint holds it."""
+    def fingerprints(self, on_layer=None) -> np.ndarray:
+        """int64 ``[num_layers, num_experts]``: fingerprint of every expert's bundle as the checkpoint holds it.
+
+        ``on_layer(done, total)``, if given, is called after each layer (progress bars).
+        """
         out = np.zeros((self.spec.num_layers, self.spec.num_experts), dtype=np.int64)
         for layer in range(self.spec.num_layers):
             out[layer] = fingerprint_rows(self.read_layer_slots(layer, list(range(self.spec.num_experts))))
+            if on_layer is not None:
+                on_layer(layer + 1, self.spec.num_layers)
         return out
 
 

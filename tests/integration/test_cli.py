@@ -30,8 +30,10 @@ def test_demo_verifies_every_slot(tmp_path):
 
 def test_chaos_writes_its_summary_to_a_file(tmp_path):
     target = tmp_path / "chaos.json"
-    _run(["chaos", "--kills", "2", "--seed", "5", "--workdir", str(tmp_path / "work"), "--json", str(target)], tmp_path)
+    out = _run(["chaos", "--kills", "2", "--seed", "5", "--workdir", str(tmp_path / "work"), "--json", str(target)],
+               tmp_path)
     summary = json.loads(target.read_text())
+    assert json.loads(out) == summary  # stdout is the summary alone: no Ray notice of a deliberate kill in it
     assert summary["ok"] is True
     assert summary["kills"] >= 2 and summary["kills_survived"] == summary["kills"]
     assert summary["hangs"] == 0 and summary["corrupted_slots"] == 0 and summary["lost_experts"] == 0

@@ -73,6 +73,7 @@ class LocalHead:
         self.temp_dir = tempfile.mkdtemp(prefix="eep-ray-", dir="/tmp")
         self.dashboard_port = _free_port()
         self.agent_port = _free_port()
+        self.gcs_port = _free_port()  # `ray start --address` / ray.init address: 127.0.0.1:<gcs_port>
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.token = secrets.token_hex(32)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONPATH"}
@@ -90,7 +91,7 @@ class LocalHead:
             str(RAY), "start", "--head", "--block",
             "--num-cpus=2", "--disable-usage-stats",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--port={_free_port()}", f"--temp-dir={self.temp_dir}",
+            f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}",
             # Ports that default to fixed numbers: a second Ray on the machine (another
             # test's ray.init()) holding 52365 leaves this head's job agent without HTTP,
             # and every submission then fails with "No available agent".
