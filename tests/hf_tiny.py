@@ -68,3 +68,22 @@ def block_route(block, hidden: torch.Tensor):
     with torch.no_grad():
         _, weights, ids = block.gate(hidden.to(block.experts.down_proj.dtype))
     return ids.to(torch.int64).numpy(), weights.float().numpy()
+
+
+def hf_spec(family: str, folder):
+    """(ModelSpec, naming preset) of a saved tiny model, from transformers' own reading of its config.
+
+    Not ``storage.read_spec``: transformers 5.25 writes ``num_local_experts`` into Qwen3-MoE
+    configs too, which read_spec takes for Mixtral (reported to the integrator).
+    """
+    import transformers
+
+    from elastic_ep.config import ModelSpec
+
+    cfg = transformers.AutoConfig.from_pretrained(str(folder))
+    first = getattr(cfg, "first_k_dense_replace", 0) or 0
+    inter = cfg.intermediate_size if family == "mixtral" else cfg.moe_intermediate_size
+    spec = ModelSpec(num_layers=cfg.num_hidden_layers - first, num_experts=cfg.num_local_experts,
+                     hidden=cfg.hidden_size, intermediate=inter, dtype="bfloat16", first_layer=first,
+                     num_groups=getattr(cfg, "n_group", None) or 1)
+    return spec, {"mixtral": "mixtral", "qwen3_moe": "qwen", "deepseek_v3": "deepseek"}[family]

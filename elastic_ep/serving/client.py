@@ -126,7 +126,7 @@ class MoEClient:
              deadline: float) -> torch.Tensor:
         """One attempt: one remote call per rank, all awaited with the call's deadline, combined in fp32."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError
 
         refs = []
         for part in plan.parts:
@@ -134,25 +134,35 @@ class MoEClient:
             refs.append(handle.serve_layer.remote(view.epoch, part.rank, plan.layer, bits[part.tokens], part.rows,
                                                   part.slots, flat_weights[part.pairs]))
         out = torch.zeros((plan.num_tokens, self.spec.hidden), dtype=torch.float32)
-        for part, ref in zip(plan.parts, refs):
+        if not refs:
+            return out
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.001, deadline - time.monotonic()))
+        if pending:
+            late = [part.rank for part, ref in zip(plan.parts, refs) if ref in pending]
+            for ref in pending:
+                try:
+                    ray.cancel(ref, force=False)
+                except Exception:  # noqa: BLE001 - best effort: the call fails either way
+                    pass
+            raise ServingError(f"ranks {late} did not answer layer {plan.layer} within {self.call_timeout_s:.1f}s")
+        failures = []
+        for part, ref in zip(plan.parts, refs):  # every result is fetched, so no error goes unretrieved
             try:
                 partial = ray.get(ref, timeout=max(0.001, deadline - time.monotonic()))
             except RayTaskError as exc:
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                if isinstance(cause, StaleEpochError):
-                    raise cause from None
-                raise ServingError(f"rank {part.rank} failed layer {plan.layer}: {type(cause).__name__}: {cause}") \
-                    from None
+                failures.append(cause if isinstance(cause, StaleEpochError) else ServingError(
+                    f"rank {part.rank} failed layer {plan.layer}: {type(cause).__name__}: {cause}"))
+                continue
             except RayActorError as exc:
-                raise _RankFailed(f"rank {part.rank} died during layer {plan.layer}: {type(exc).__name__}") from None
-            except GetTimeoutError:
-                for r in refs:
-                    ray.cancel(r, force=False)
-                raise ServingError(f"rank {part.rank} did not answer layer {plan.layer} within "
-                                   f"{self.call_timeout_s:.1f}s") from None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # read-only object-store memory, only read here
-                out.index_add_(0, torch.from_numpy(part.tokens), torch.from_numpy(partial))
+                failures.append(_RankFailed(f"rank {part.rank} died during layer {plan.layer}: {type(exc).__name__}"))
+                continue
+            if not failures:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # read-only object-store memory, only read here
+                    out.index_add_(0, torch.from_numpy(part.tokens), torch.from_numpy(partial))
+        if failures:  # the whole attempt is discarded: never a mix of epochs or a partial sum
+            raise failures[0]
         return out
 
 
