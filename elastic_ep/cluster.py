@@ -213,6 +213,14 @@ class ElasticEPCluster:
         """A serving engine's token counts per logical expert: [num_layers, num_experts]."""
         self._call("report_load", np.asarray(load))
 
+    def served_load(self) -> Optional[np.ndarray]:
+        """The load rebalance() will use: the workers' served-token counts, pulled into the window, [L, E].
+
+        Each (token, expert) pair a slot served counts once for its logical expert; the
+        window also holds ``report_load`` reports. None when nothing was counted yet.
+        """
+        return self._call("collect_load")
+
     def run_workload(self, batches: int = 8, tokens_per_batch: int = 4096, seed: int = 0, zipf_s: float = 1.2,
                      drift: float = 0.15) -> np.ndarray:
         """Serve synthetic skewed, drifting batches through the experts; workers count the tokens their slots serve.

@@ -59,16 +59,18 @@ def _check_all_layers(cluster, oracle, seed):
 
 
 def test_outputs_match_the_checkpoint_oracle_and_load_is_what_was_served(cluster, oracle):
-    cluster._call("collect_load")  # start from drained worker counters
-    before = cluster._call("collect_load")
+    cluster.served_load()  # start from drained worker counters
+    before = cluster.served_load()
     before = np.zeros((SMALL.num_layers, SMALL.num_experts)) if before is None else before
     served = np.zeros_like(before)
     for layer in range(SMALL.num_layers):
         for seed in range(3):
             ids = _check(cluster.moe, oracle, layer, 10 * layer + seed, hot=layer)
             served[layer] += np.bincount(ids.ravel(), minlength=SMALL.num_experts)
-    after = cluster._call("collect_load")
+    after = cluster.served_load()
     np.testing.assert_array_equal(after - before, served)  # every (token, expert) pair counted once, by expert
+    hidden, ids, weights = _batch(1)
+    assert cluster.moe(0, hidden[:0], ids[:0], weights[:0]).shape == (0, SMALL.hidden)  # an empty call is fine
 
 
 def test_rebalance_by_served_load_replicates_hot_experts_and_splits_their_tokens(cluster, oracle):
