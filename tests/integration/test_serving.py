@@ -21,10 +21,8 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def cluster(ray_local, small_checkpoint, tmp_path_factory):
-    c = ElasticEPCluster(small_config(small_checkpoint, tmp_path_factory.mktemp("serve")))
-    c.start()
-    yield c
-    c.shutdown()
+    with ElasticEPCluster(small_config(small_checkpoint, tmp_path_factory.mktemp("serve"))) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
