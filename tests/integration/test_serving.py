@@ -152,3 +152,18 @@ def test_bad_input_is_named_and_the_cluster_keeps_serving(cluster, oracle, chang
     assert text in str(err.value)
     assert client.stats.calls == 0
     _check(client.moe, oracle, 1, 9)
+
+
+def test_a_worker_refuses_a_call_planned_on_another_epoch(cluster):
+    from actors.backup import to_host_array
+    from elastic_ep.errors import StaleEpochError
+
+    epoch = cluster.status()["epoch"]
+    rank = sorted(cluster.status()["ranks"])[0]
+    hidden = to_host_array(torch.zeros(2, SMALL.hidden, dtype=torch.bfloat16))
+    args = (rank, 0, hidden, np.array([0, 1]), np.array([0, 0]), np.ones(2, np.float32))
+    out = ray.get(cluster.worker(rank).serve_layer.remote(epoch, *args), timeout=30)
+    assert out.shape == (2, SMALL.hidden) and out.dtype == np.float32
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        ray.get(cluster.worker(rank).serve_layer.remote(epoch - 1, *args), timeout=30)
+    assert isinstance(err.value.cause, StaleEpochError) and err.value.cause.worker_epoch == epoch
