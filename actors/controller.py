@@ -645,9 +645,28 @@ class Controller:
             rows = np.repeat(np.arange(self.spec.num_layers), experts.shape[1])
             valid = experts.ravel() >= 0
             np.add.at(total, (rows[valid], experts.ravel()[valid]), rep["tokens"].ravel()[valid])
+        for rep in got.values():  # tokens served by slots before a commit changed what they hold
+            carried = rep.get("expert_tokens")
+            if carried is not None and carried.sum() > 0:
+                any_tokens = True
+                total += carried
         if any_tokens:
             self.window.add(total)
         return self.window.total()
+
+    def committed_view(self):
+        """The committed layout and live worker handles, read atomically: a CommittedView."""
+        from elastic_ep.view import CommittedView
+
+        with self._state_lock:
+            layout = self.layout
+            if layout is None:
+                raise ElasticEPError("the cluster has no committed layout yet; start() it first")
+            workers = {r: self.handles[w] for r, w in self.members.items() if w not in self.dead}
+            dead = tuple(sorted(r for r, w in self.members.items() if w in self.dead))
+            view = CommittedView(self.epoch, layout.phy2log, layout.slots_per_rank, workers, dead)
+        assert view.ranks == layout.ranks, (view.ranks, layout.ranks)  # layouts are built over sorted(members)
+        return view
 
     def rebalance(self, load=None) -> dict:
         """Re-place experts by ``load`` [num_layers, num_experts] or the recorded window (healing dead ranks too).

@@ -12,7 +12,7 @@ import ray
 import torch
 
 from elastic_ep.config import ModelSpec
-from elastic_ep.errors import CheckpointError, ExpertsLostError, TransferError
+from elastic_ep.errors import CheckpointError, ExpertsLostError, StaleEpochError, TransferError
 from elastic_ep.executor import ExpertWeights, StagedUpdate, commit, execute_rank_plan, warm_up
 from elastic_ep.faults import WORKER_PHASES, FaultInjector
 from elastic_ep.plan import RankPlan
@@ -61,6 +61,10 @@ class ExpertWorker:
         self._reserve_staging(staging_reserve)
         self._groups: dict[str, tuple[int, int]] = {}  # group name -> (world, group rank)
         self._slot_tokens = np.zeros(shape, dtype=np.float64)
+        # Tokens served by slots before a commit or retire changed what they hold: [L, num_experts].
+        self._expert_tokens = np.zeros((spec.num_layers, spec.num_experts), dtype=np.float64)
+        self._serve_lock = threading.Lock()  # a serving call sees one epoch's weights: commit waits for it
+        self.serve_method = "auto"  # expert GEMMs: grouped, loop or auto (elastic_ep.serving.compute)
         self._busy: Optional[str] = None
         self._lock = threading.Lock()
         self._prep_lock = threading.Lock()
@@ -352,11 +356,13 @@ class ExpertWorker:
             if staged is not None and staged.epoch != epoch:
                 raise TransferError(f"worker {self.worker_id} has staging for epoch {staged.epoch}, not {epoch}")
             t0 = time.perf_counter()
-            if staged is not None:
-                commit(self.weights, staged)
-            self._staged = None
-            self.rank = int(rank)
-            self.epoch = int(epoch)
+            with self._serve_lock:  # serving calls see the old epoch's weights or the new one's, never a mix
+                self._fold_slot_tokens()
+                if staged is not None:
+                    commit(self.weights, staged)
+                self._staged = None
+                self.rank = int(rank)
+                self.epoch = int(epoch)
             return {"commit_s": time.perf_counter() - t0, "slots": 0 if staged is None else len(staged.slots)}
 
     def discard(self, epoch: int) -> None:
@@ -366,7 +372,8 @@ class ExpertWorker:
 
     def retire(self) -> None:
         """Stop serving a rank (shrink): keep the process as a spare with empty slots."""
-        with self._lock:
+        with self._lock, self._serve_lock:
+            self._fold_slot_tokens()
             self.rank = None
             self.weights.experts[:] = -1
 
@@ -384,10 +391,62 @@ class ExpertWorker:
         self._slot_tokens += counts
 
     def take_load(self) -> dict:
-        """Token counts per slot since the last call, with the experts they went to."""
-        out = {"experts": self.weights.experts.copy(), "tokens": self._slot_tokens.copy(), "rank": self.rank}
-        self._slot_tokens[:] = 0
+        """Token counts per slot since the last call, with the experts they went to.
+
+        ``expert_tokens`` [num_layers, num_experts]: tokens counted before a commit changed
+        the slots' experts, already folded per logical expert.
+        """
+        with self._serve_lock:
+            out = {"experts": self.weights.experts.copy(), "tokens": self._slot_tokens.copy(), "rank": self.rank,
+                   "expert_tokens": self._expert_tokens.copy()}
+            self._slot_tokens[:] = 0
+            self._expert_tokens[:] = 0
         return out
+
+    def _fold_slot_tokens(self) -> None:
+        """Move per-slot counts into per-expert counts before the slots change hands (serve lock held)."""
+        held = self.weights.experts >= 0
+        layers = np.nonzero(held)[0]
+        np.add.at(self._expert_tokens, (layers, self.weights.experts[held]), self._slot_tokens[held])
+        self._slot_tokens[:] = 0
+
+    # -- serving -------------------------------------------------------------------------
+
+    def serve_layer(self, epoch: int, rank: int, layer: int, hidden: np.ndarray, rows: np.ndarray,
+                    slots: np.ndarray, pair_weights: np.ndarray) -> np.ndarray:
+        """This rank's share of one layer call, weighted and summed per token: [n, hidden] float32.
+
+        hidden: [n, hidden] the rank's tokens as raw bits of the model dtype (each token once);
+        rows: [m] token row of each (token, expert) pair; slots: [m] local slot of each pair;
+        pair_weights: [m] float32 router weights. Counts each pair as a token its slot served.
+        Raises StaleEpochError unless this worker holds ``rank`` at committed ``epoch``.
+        """
+        from elastic_ep.serving.bits import from_bits
+        from elastic_ep.serving.compute import combine_rank
+        from elastic_ep.serving.weights import layer_weights
+
+        x = from_bits(hidden, self.spec.dtype).to(self.device, non_blocking=True)
+        rows_t = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
+        slots_np = np.asarray(slots, dtype=np.int64)
+        slots_t = torch.from_numpy(slots_np).to(self.device)
+        w_t = torch.from_numpy(np.asarray(pair_weights, dtype=np.float32)).to(self.device)
+        with self._serve_lock:
+            if epoch != self.epoch or rank != self.rank:
+                raise StaleEpochError(
+                    f"worker {self.worker_id} holds rank {self.rank} at epoch {self.epoch}; the call was planned "
+                    f"for rank {rank} at epoch {epoch}", self.epoch, int(epoch))
+            weights = layer_weights(self.weights.rows[layer], self.weights.format, self.spec.dtype)
+            out = combine_rank(weights, x, rows_t, slots_t, w_t, self.serve_method)
+            self._slot_tokens[layer] += np.bincount(slots_np, minlength=self.spr)
+            if self.device.type == "cuda":
+                out = out.cpu()
+        return out.numpy()
+
+    def set_serve_method(self, method: str) -> None:
+        """Choose the expert GEMM path: grouped, loop or auto (benchmarks compare them)."""
+        if method not in ("grouped", "loop", "auto"):
+            raise ValueError(f"method must be 'grouped', 'loop' or 'auto', got {method!r}")
+        self.serve_method = method
 
     def forward_check(self, layer: int, slot: int) -> float:
         """A tiny expert forward (SiLU-gated MLP) on a fixed input, to show slots are usable as weights.
@@ -421,7 +480,8 @@ class _NoTransport:
 
 def worker_actor_class(device: str):
     """The ray.remote-wrapped worker class: one GPU each on CUDA, no CPU reservation on CPU."""
-    opts = dict(concurrency_groups={"control": 4, "watch": 1, "data": 1, "prepare": 1}, max_task_retries=0)
+    opts = dict(concurrency_groups={"control": 4, "watch": 1, "data": 1, "prepare": 1, "serve": 4},
+                max_task_retries=0)
     if device == "cuda":
         opts["num_gpus"] = 1
         opts["num_cpus"] = 1
@@ -434,6 +494,8 @@ def worker_actor_class(device: str):
 # Which concurrency group each method runs in.
 ExpertWorker.prepare_backups = ray.method(concurrency_group="prepare")(ExpertWorker.prepare_backups)
 ExpertWorker.watch = ray.method(concurrency_group="watch")(ExpertWorker.watch)
+for _name in ("serve_layer", "set_serve_method"):  # serving runs beside transfers (issue 17: never stop serving)
+    setattr(ExpertWorker, _name, ray.method(concurrency_group="serve")(getattr(ExpertWorker, _name)))
 for _name in ("ping", "arm_fault", "disarm_fault", "abort"):
     setattr(ExpertWorker, _name, ray.method(concurrency_group="control")(getattr(ExpertWorker, _name)))
 for _name in ("load", "export_experts", "form_group", "leave_groups", "execute", "commit", "discard",

@@ -79,7 +79,16 @@ def _step(title: str) -> float:
 
 
 def cmd_demo(args) -> int:
+    import os
+    import signal
+
+    import numpy as np
+    import ray
+
     from .cluster import ElasticEPCluster
+    from .serving.loop import serve_loop
+    from .serving.oracle import CheckpointOracle
+    from .workload import SkewedRouter
     from .report import format_report
     from .storage import write_synthetic_checkpoint
 
@@ -105,23 +114,34 @@ def cmd_demo(args) -> int:
               f"({info['checkpoint_bytes'] / 2**20:.1f} MiB read), host backups {info['backup_s']:.2f}s, "
               f"communicators {1e3 * info['group_s']:.0f}ms")
 
-        t0 = _step("3. route a skewed, drifting workload (Zipf popularity per layer)")
-        cluster.run_workload(batches=16, tokens_per_batch=8192, seed=args.seed)
-        print(f"   16 batches routed ({time.perf_counter() - t0:.2f}s)")
+        t0 = _step("3. serve: a skewed, drifting router's tokens through every MoE layer on the workers")
+        client, oracle = cluster.client(), CheckpointOracle(str(ckpt), spec, "deepseek")
+        router = SkewedRouter(spec.num_layers, spec.num_experts, zipf_s=1.2, seed=args.seed)
+        served = serve_loop(client, router, args.batches, args.tokens, oracle, seed=args.seed)
+        _print_served(served, time.perf_counter() - t0)
+        load = cluster.served_load()  # what the workers counted, per logical expert
+        top = np.argsort(-load[0])[:4]
+        print(f"   workers counted {int(load.sum())} (token, expert) pairs (client sent {served.pairs}); layer 0's "
+              f"hottest experts {top.tolist()} served {load[0, top].astype(int).tolist()}")
 
-        t0 = _step("4. rebalance by the recorded load (sticky EPLB)")
+        t0 = _step("4. rebalance by the load the workers counted (sticky EPLB)")
         rep = cluster.rebalance()
         print(format_report(rep))
         summary["rebalance_s"] = rep["total_s"]
+        served.add(serve_loop(client, router, args.batches // 2, args.tokens, oracle, seed=args.seed + 1))
 
-        t0 = _step("5. kill rank 2's worker; the controller notices and a hot spare takes over")
-        wid = cluster.kill(2)
-        print(f"   killed {wid}")
+        t0 = _step("5. SIGKILL rank 2's worker while serving; a hot spare takes over, calls re-plan on the new epoch")
+        pid = ray.get(cluster.worker(2).ping.remote(), timeout=30)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        print(f"   killed pid {pid}")
+        served.add(serve_loop(client, router, args.batches // 2, args.tokens, oracle, seed=args.seed + 2))
         status = cluster.wait_healthy(timeout_s=90)
         rec = next(h for h in reversed(status["history"]) if h["reason"] == "recover")
         print(format_report(rec))
         summary["recover_s"] = sum(rec["phases"].get(k, 0.0) for k in
                                    ("detect", "decide", "plan", "communicators", "transfer", "verify", "commit"))
+        summary["served"] = served
+        _print_served(served, None)
 
         t0 = _step("6. verify every slot against the checkpoint")
         ver = cluster.verify(against_checkpoint=True)
@@ -133,9 +153,18 @@ def cmd_demo(args) -> int:
             return 1
     finally:
         cluster.shutdown()
+    served = summary["served"]
     print(f"\ndemo done in {time.perf_counter() - t_all:.1f}s: rebalance {summary['rebalance_s']:.2f}s, "
-          f"kill-to-restored {summary['recover_s']:.2f}s, all slots verified")
-    return 0
+          f"kill-to-restored {summary['recover_s']:.2f}s, all slots verified; {served.tokens} tokens served, "
+          f"{served.wrong} wrong outputs of {served.checked} checked")
+    return 0 if served.wrong == 0 else 1
+
+
+def _print_served(served, seconds) -> None:
+    took = "" if seconds is None else f" in {seconds:.1f}s"
+    print(f"   {served.calls} layer calls, {served.tokens} tokens served{took}; per-call latency "
+          f"p50 {served.percentile_ms(50):.1f} ms, p99 {served.percentile_ms(99):.1f} ms; "
+          f"wrong outputs {served.wrong} of {served.checked} checked against the checkpoint oracle")
 
 
 def cmd_chaos(args) -> int:
@@ -257,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--slots", type=int, default=20)
     demo.add_argument("--spares", type=int, default=1)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--batches", type=int, default=8, help="batches served before the rebalance")
+    demo.add_argument("--tokens", type=int, default=256, help="tokens per batch (each through every MoE layer)")
     demo.add_argument("--workdir", default=None, help="where to write the checkpoint and state (default: a temp dir)")
     demo.set_defaults(func=cmd_demo)
 

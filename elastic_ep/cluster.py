@@ -14,7 +14,7 @@ import numpy as np
 
 from .config import ClusterConfig
 from .errors import ClusterNotFoundError, ConfigError, ElasticEPError, UnknownRankError
-from .workload import SkewedRouter, logical_to_slot_counts
+from .workload import SkewedRouter
 
 
 NAMESPACE = "elastic-ep"  # Ray namespace of every controller, so other processes can attach by name
@@ -55,6 +55,7 @@ class ElasticEPCluster:
         self._controller = None
         self._started_ray = False
         self._router: Optional[SkewedRouter] = None
+        self._client = None  # the client behind moe() and run_workload()
         self.state_dir = config.state_dir or tempfile.mkdtemp(prefix="eep-state-")
         self.prefix = f"{config.name}-{uuid.uuid4().hex[:6]}"
         self.last_start: Optional[dict] = None
@@ -303,25 +304,61 @@ class ElasticEPCluster:
         """A serving engine's token counts per logical expert: [num_layers, num_experts]."""
         self._call("report_load", np.asarray(load))
 
+    def served_load(self) -> Optional[np.ndarray]:
+        """The load rebalance() will use: the workers' served-token counts, pulled into the window, [L, E].
+
+        Each (token, expert) pair a slot served counts once for its logical expert; the
+        window also holds ``report_load`` reports. None when nothing was counted yet.
+        """
+        return self._call("collect_load")
+
     def run_workload(self, batches: int = 8, tokens_per_batch: int = 4096, seed: int = 0, zipf_s: float = 1.2,
                      drift: float = 0.15) -> np.ndarray:
-        """Route synthetic skewed, drifting batches; workers count the tokens their slots get.
+        """Serve synthetic skewed, drifting batches through the experts; workers count the tokens their slots serve.
 
-        Returns the logical load of these batches: [num_layers, num_experts].
+        Each batch: the synthetic router's decisions for every MoE layer and random hidden
+        states, one ``moe`` call per layer. Returns the logical load served: [num_layers, num_experts].
         """
-        from .layout import ExpertLayout
+        import torch
+
+        from .storage import torch_dtype
 
         spec = self.config.model
         if self._router is None:
             self._router = SkewedRouter(spec.num_layers, spec.num_experts, zipf_s=zipf_s, drift=drift, seed=seed)
-        layout = ExpertLayout.from_dict(self.status()["layout"])
+        gen = torch.Generator().manual_seed(seed)
+        client = self._shared_client()
         total = np.zeros((spec.num_layers, spec.num_experts))
         for _ in range(batches):
             self._router.step()
-            load = self._router.route(tokens_per_batch)
-            total += load
-        self._call("record_slot_tokens", logical_to_slot_counts(layout, total))
+            ids, weights = self._router.decide(tokens_per_batch)
+            hidden = torch.randn(tokens_per_batch, spec.hidden, generator=gen).to(torch_dtype(spec))
+            for layer in range(spec.num_layers):
+                client.moe(layer, hidden, ids[layer], weights[layer])
+                total[layer] += np.bincount(ids[layer].ravel(), minlength=spec.num_experts)
         return total
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def client(self, view_max_age_s: float = 0.5):
+        """A long-lived serving handle (``MoEClient``) for serving loops; share it between threads or make several."""
+        from .serving.client import MoEClient
+
+        return MoEClient(lambda: self._call("committed_view"), self.config.model,
+                         call_timeout_s=self.config.call_timeout_s, view_max_age_s=view_max_age_s)
+
+    def moe(self, layer: int, hidden_states, topk_ids, topk_weights):
+        """One MoE layer's routed-experts output for given router decisions (see ``MoEClient.moe``).
+
+        hidden_states: [num_tokens, hidden] of the model dtype; topk_ids / topk_weights:
+        [num_tokens, top_k]. Returns [num_tokens, hidden] of the model dtype.
+        """
+        return self._shared_client().moe(layer, hidden_states, topk_ids, topk_weights)
+
+    def _shared_client(self):
+        if self._client is None:
+            self._client = self.client()
+        return self._client
 
     # -- handles for tests and drills ------------------------------------------------------
 

@@ -70,3 +70,38 @@ class UnknownRankError(ElasticEPError, ValueError):
 
 class ClusterNotFoundError(ElasticEPError):
     """No Ray answers at the address, or no elastic-ep cluster of that name runs there."""
+
+
+class ServingInputError(ElasticEPError, ValueError):
+    """A serving call's input is malformed: hidden states, router decisions or layer (names the value)."""
+
+
+class NotAnMoELayerError(ServingInputError):
+    """A serving call named a layer that is not one of the model's MoE layers."""
+
+
+class StaleEpochError(ElasticEPError):
+    """A worker holds another committed epoch than the call was planned on; the client re-plans."""
+
+    def __init__(self, message: str, worker_epoch: int, call_epoch: int):
+        super().__init__(message)
+        self.worker_epoch = worker_epoch
+        self.call_epoch = call_epoch
+
+    def __reduce__(self):  # survives pickling across actor boundaries
+        return type(self), (str(self), self.worker_epoch, self.call_epoch)
+
+
+class ExpertsUnavailableError(ElasticEPError):
+    """Some experts a call needs have no replica on a live rank right now (wait for recovery)."""
+
+    def __init__(self, message: str, experts: list[tuple[int, int]]):
+        super().__init__(message)
+        self.experts = experts  # [(layer, logical_expert)]
+
+    def __reduce__(self):
+        return type(self), (str(self), self.experts)
+
+
+class ServingError(ElasticEPError):
+    """A serving call failed on the ranks (a rank died or timed out) after its retries."""

@@ -1,4 +1,4 @@
-"""Load statistics: a sliding window of per-expert token counts, and a synthetic skewed, drifting router."""
+"""Load statistics: a sliding window of per-expert token counts, and a synthetic router (skewed, drifting decisions)."""
 
 from __future__ import annotations
 
@@ -36,12 +36,6 @@ def slot_counts_to_logical(layout: ExpertLayout, slot_counts: np.ndarray) -> np.
     rows = np.repeat(np.arange(layout.num_layers), layout.num_slots)
     np.add.at(out, (rows, layout.phy2log.ravel()), slot_counts.ravel())
     return out
-
-
-def logical_to_slot_counts(layout: ExpertLayout, load: np.ndarray) -> np.ndarray:
-    """Split per-expert tokens evenly over that expert's replicas: [L, num_slots]."""
-    per_replica = load / np.maximum(layout.logcnt, 1)
-    return np.take_along_axis(per_replica, layout.phy2log, axis=1)
 
 
 class LoadWindow:
@@ -94,8 +88,17 @@ class SkewedRouter:
                 a, b = self._rng.choice(self.num_experts, size=2, replace=False)
                 self.weights[layer, [a, b]] = self.weights[layer, [b, a]]
 
-    def route(self, num_tokens: int) -> np.ndarray:
-        """Token counts per expert for one batch: [num_layers, num_experts] (each token picks top_k)."""
-        probs = self.weights / self.weights.sum(axis=1, keepdims=True)
-        picks = num_tokens * min(self.top_k, self.num_experts)
-        return np.stack([self._rng.multinomial(picks, p) for p in probs]).astype(np.float64)
+    def decide(self, num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """Router decisions for one batch, as a model's router gives them.
+
+        Returns (topk_ids [num_layers, num_tokens, k] int64, topk_weights [num_layers, num_tokens, k]
+        float32) with ``k = min(top_k, num_experts)``: each token picks k distinct experts, drawn
+        by popularity (Gumbel top-k), weighted by a softmax over its picks' scores.
+        """
+        k = min(self.top_k, self.num_experts)
+        scores = np.log(self.weights)[:, None, :] + self._rng.gumbel(size=(self.num_layers, num_tokens, self.num_experts))
+        ids = np.argpartition(-scores, k - 1, axis=2)[:, :, :k]
+        picked = np.take_along_axis(scores, ids, axis=2)
+        weights = np.exp(picked - picked.max(axis=2, keepdims=True))
+        weights /= weights.sum(axis=2, keepdims=True)
+        return ids.astype(np.int64), weights.astype(np.float32)

@@ -26,6 +26,7 @@ def _run(args, tmp_path):
 def test_demo_verifies_every_slot(tmp_path):
     out = _run(["demo", "--workdir", str(tmp_path / "work")], tmp_path)
     assert "all slots verified" in out and "FAILED" not in out
+    assert " 0 wrong outputs of " in out and "tokens served" in out  # the demo serves, checked on a sample
 
 
 def test_chaos_writes_its_summary_to_a_file(tmp_path):

@@ -1,0 +1,1 @@
+"""Serving tokens through the held experts: dispatch planning (pure), expert compute, the client."""
