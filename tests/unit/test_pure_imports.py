@@ -31,10 +31,10 @@ def _check(modules: list[str]) -> None:
 
 
 def test_planning_core_imports_no_ray_or_torch():
-    _check(["elastic_ep.layout", "elastic_ep.balance", "elastic_ep.plan"])
+    _check(["elastic_ep.layout", "elastic_ep.balance", "elastic_ep.plan", "elastic_ep.decide"])
 
 
-@pytest.mark.parametrize("module", ["elastic_ep", "elastic_ep.errors", "elastic_ep.layout", "elastic_ep.balance", "elastic_ep.plan"])
+@pytest.mark.parametrize("module", ["elastic_ep", "elastic_ep.errors", "elastic_ep.layout", "elastic_ep.balance", "elastic_ep.plan", "elastic_ep.decide"])
 def test_each_pure_module_alone(module):
     _check([module])
 
