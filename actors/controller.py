@@ -17,6 +17,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from elastic_ep.balance import rebalance_experts
 from elastic_ep.config import ClusterConfig, ModelSpec
+from elastic_ep.decide import REQUESTS, ClusterView, Decision, Request, decide, layout_for
 from elastic_ep.errors import (
     CapacityError,
     CheckpointError,
@@ -75,15 +76,15 @@ class Controller:
         self.store = StoreServer()
         self.faults = FaultInjector(CONTROLLER_PHASES)
         self._lock = threading.RLock()  # serialises reconfigurations
-        self._state_lock = threading.Lock()
+        self._state_lock = threading.RLock()
         self.layout: Optional[ExpertLayout] = None
         self.epoch = 0
         self.generation = 0  # communicator generation (group name suffix)
         self.members: dict[int, str] = {}  # rank id -> worker id
         self.spares: list[str] = []
         self.preparing: dict = {}  # spare worker id -> ObjectRef of its prepare_backups call
+        self.draining: set[int] = set()  # ranks a drain() is moving experts off
         self.released: set[str] = set()  # workers a shrink let go (not spares, not failures)
-        self.rank_nodes: dict[int, int] = {}  # rank id -> logical node
         self.dead: set[str] = set()
         self.handles: dict[str, ray.actor.ActorHandle] = {}
         self.gpu_share: dict[str, float] = {}  # worker id -> GPUs it was started with
@@ -191,15 +192,15 @@ class Controller:
             self._check_checkpoint()
             per_node = cfg.num_ranks // cfg.num_nodes
             ranks = list(range(cfg.num_ranks))
+            rank_nodes = {r: r // per_node for r in ranks}
             for r in ranks:
-                self.rank_nodes[r] = r // per_node
-                self.members[r] = self._new_worker(self.rank_nodes[r])
+                self.members[r] = self._new_worker(rank_nodes[r])
             for k in range(cfg.num_spares):
                 self.spares.append(self._new_worker(k % cfg.num_nodes))
             self._wait_started(list(self.members.values()) + self.spares)
             uniform = np.ones((self.spec.num_layers, self.spec.num_experts))
             self.layout = rebalance_experts(
-                uniform, ranks, cfg.slots_per_rank, rank_nodes=[self.rank_nodes[r] for r in ranks],
+                uniform, ranks, cfg.slots_per_rank, rank_nodes=[rank_nodes[r] for r in ranks],
                 num_groups=self.spec.num_groups, policy="eplb",
             )
             t_load = _now()
@@ -272,6 +273,46 @@ class Controller:
                 raise CheckpointError(f"cannot read shard {file!r} in {str(reader.root)!r} (truncated or "
                                       f"corrupted?): {type(exc).__name__}: {exc}") from exc
 
+    @property
+    def rank_nodes(self) -> dict[int, int]:
+        """rank -> logical node, from the committed layout alone."""
+        if self.layout is None:
+            return {}
+        return dict(zip(self.layout.ranks, self.layout.rank_nodes))
+
+    def _view(self) -> ClusterView:
+        """What decide() needs to know, from this controller's state (a snapshot)."""
+        cfg = self.cfg
+        with self._state_lock:
+            return ClusterView(
+                members=dict(self.members), rank_nodes=self.rank_nodes, spares=tuple(self.spares),
+                dead=frozenset(self.dead), num_experts=self.spec.num_experts, slots_per_rank=cfg.slots_per_rank,
+                num_spares=cfg.num_spares, num_nodes=cfg.num_nodes,
+                ranks_per_node=max(1, cfg.num_ranks // cfg.num_nodes), layout_ranks=tuple(self.layout.ranks),
+                restarted=frozenset(self._restarted), draining=frozenset(self.draining),
+            )
+
+    def _start_worker(self, node: int) -> str:
+        """Start one worker on logical ``node`` and wait for it; it is a spare until a commit makes it a member.
+
+        A worker that does not start in time is killed (never left half-started) and
+        WorkerStartupError is raised.
+        """
+        wid = self._new_worker(node)
+        try:
+            self._wait_started([wid])
+        except WorkerStartupError:
+            handle = self.handles.pop(wid, None)
+            if handle is not None:
+                try:
+                    ray.kill(handle, no_restart=True)
+                except RayError:
+                    pass
+            raise
+        with self._state_lock:
+            self.spares.append(wid)
+        return wid
+
     def _wait_started(self, wids: list[str]) -> None:
         refs = {wid: self.handles[wid].ping.remote() for wid in wids}
         try:
@@ -341,7 +382,6 @@ class Controller:
         self.generation = int(state["generation"]) + 1  # the old store died with the old controller
         self.members = {int(r): w for r, w in state["members"].items()}
         self.spares = list(state["spares"])
-        self.rank_nodes = {int(r): int(n) for r, n in state["rank_nodes"].items()}
         self.dead = set(state["dead"])
         self.next_worker = int(state["next_worker"])
         self.gpu_share = {w: float(g) for w, g in state.get("gpu_share", {}).items()}
@@ -380,7 +420,8 @@ class Controller:
             retired = [w for w in self.pending_commit.get("retired", []) if w in alive]
             done = self._get_all({w: alive[w].retire.remote() for w in retired}, self.cfg.call_timeout_s,
                                  "retire (resume)", tolerate_dead=True)
-            self._settle_retired([w for w in retired if w in done and w not in self.spares])
+            self._settle_retired([w for w in retired if w in done and w not in self.spares],
+                                 self.pending_commit.get("keep_spares"))
             self.pending_commit = None
         else:
             # A reconfiguration the old controller left undecided is dropped: live weights never changed.
@@ -443,15 +484,17 @@ class Controller:
             self._busy.clear()
             self._stop.wait(1.0)
 
-    def _settle_retired(self, retired: list[str]) -> None:
-        """Retired (shrunk-away) workers refill the spares up to ``num_spares``; the rest are released.
+    def _settle_retired(self, retired: list[str], keep: Optional[list[str]] = None) -> None:
+        """Retired workers in ``keep`` (the decision's) refill the spares; the rest are released.
 
         A released worker is killed so its GPU is free again; its death is not a failure.
+        ``keep`` None (a state file of an older version): up to ``num_spares`` are kept.
         """
-        live_spares = [w for w in self.spares if w not in self.dead]
-        room = max(0, self.cfg.num_spares - len(live_spares))
-        self.spares = self.spares + retired[:room]
-        for wid in retired[room:]:
+        if keep is None:
+            live_spares = [w for w in self.spares if w not in self.dead]
+            keep = retired[: max(0, self.cfg.num_spares - len(live_spares))]
+        self.spares = self.spares + [w for w in retired if w in keep]
+        for wid in [w for w in retired if w not in keep]:
             self.released.add(wid)
             handle = self.handles.pop(wid, None)
             if handle is not None:
@@ -543,7 +586,8 @@ class Controller:
                 "history": self.history[-10:],
             }
 
-    def arm_fault(self, phase: str, delay_s: float = 0.0) -> None:
+    def arm_controller_fault(self, phase: str, delay_s: float = 0.0) -> None:
+        """Make this controller die when it next reaches ``phase`` of a reconfiguration."""
         self.faults.arm(phase, delay_s)
 
     def _spares_prepared(self, members: bool = False) -> dict:
@@ -693,19 +737,35 @@ class Controller:
         return self._reconfigure("grow", add=num_ranks)
 
     def shrink(self, ranks: list[int]) -> dict:
+        """Retire ``ranks``: their experts move to the rest; their workers refill the spares or are released."""
+        if not ranks:
+            raise ValueError("shrink needs at least one rank")
         for r in ranks:
             if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or int(r) not in self.members:
                 raise UnknownRankError(f"no rank {r!r}; ranks: {sorted(self.members)}")
         remove = sorted({int(r) for r in ranks})
-        if not remove:
-            raise ValueError("shrink needs at least one rank")
-        left = len(self.members) - len(remove)
-        if left * self.cfg.slots_per_rank < self.spec.num_experts:
-            raise CapacityError(
-                f"shrinking ranks {remove} would leave {left} ranks x {self.cfg.slots_per_rank} slots = "
-                f"{left * self.cfg.slots_per_rank} slots for {self.spec.num_experts} logical experts"
-            )
+        decide(self._view(), Request("shrink", ranks=tuple(remove)))  # refusals raise before anything moves
         return self._reconfigure("shrink", remove=remove)
+
+    def drain(self, rank: int) -> dict:
+        """Move a live rank's experts off it, commit, then release its worker.
+
+        Returns the report; its ``safe_to_terminate_at`` (wall clock) says from when the
+        released process (and its node, if nothing else runs there) may be terminated.
+        Refused (CapacityError, with the numbers) for the last rank, a rank already
+        draining, a dead rank, or when the other ranks cannot hold every expert.
+        """
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or int(rank) not in self.members:
+            raise UnknownRankError(f"no rank {rank!r}; ranks: {sorted(self.members)}")
+        rank = int(rank)
+        with self._state_lock:
+            decide(self._view(), Request("drain", ranks=(rank,)))  # refusals raise before anything moves
+            self.draining.add(rank)
+        try:
+            return self._reconfigure("drain", remove=[rank])
+        finally:
+            with self._state_lock:
+                self.draining.discard(rank)
 
     def verify(self, against_checkpoint: bool = False) -> dict:
         """Fingerprint every live slot and compare with the reference (or a fresh read of the checkpoint)."""
@@ -1005,41 +1065,22 @@ class Controller:
         t0 = _now()
         old = self.layout
         self._layout_before = old  # for the report's balance before/after
-        members = dict(self.members)
-        spares = [w for w in self.spares if w not in self.dead]  # a copy: a failed attempt gives spares back
-        fresh: set[int] = set()
-        retired: list[str] = []
-        for rank, wid in sorted(members.items()):
+        kind = reason if reason in REQUESTS else "recover"
+        request = Request(kind, add=add if kind == "grow" else 0, ranks=tuple(remove))
+        decision = decide(self._view(), request)
+        members = dict(decision.members)
+        for rank, wid in decision.members.items():
             if wid in self._restarted:
-                fresh.add(rank)
                 rep.replaced[rank] = f"{wid} (restarted)"
-            elif wid in self.dead:
-                spare = spares.pop(0) if spares else None
-                if spare is not None:
-                    members[rank] = spare
-                    fresh.add(rank)
-                    rep.replaced[rank] = spare
-                else:
-                    del members[rank]
-                    rep.dropped.append(rank)
-        for rank in remove:
-            if rank in members:
-                retired.append(members.pop(rank))
-                rep.dropped.append(rank)
-        for _ in range(add):
-            rank = max(list(members) + list(old.ranks)) + 1
-            wid = spares.pop(0) if spares else None
-            if wid is None:
-                node = rank % cfg.num_nodes
-                wid = self._new_worker(node)
-                self._wait_started([wid])
-                self.spares.append(wid)  # a spare until the grow commits (not leaked if it fails)
-            self.rank_nodes[rank] = len(members) // max(1, (cfg.num_ranks // cfg.num_nodes)) % cfg.num_nodes
-            members[rank] = wid
-            fresh.add(rank)
-            rep.added.append(rank)
-        if not members:
-            raise CapacityError("no live rank is left to hold experts")
+        rep.replaced.update(decision.replaced)
+        for start in decision.starts:  # cold workers: started now, spares until the commit (never leaked)
+            wid = self._start_worker(start.node)
+            members[start.rank] = wid
+            if start.rank in self.members:
+                rep.replaced[start.rank] = f"{wid} (cold)"
+        rep.dropped = list(decision.dropped)
+        rep.added = list(decision.added)
+        fresh, retired, spares = set(decision.fresh), list(decision.retired), list(decision.spares)
         # Ranks whose weights are intact can send, including ranks being retired by a shrink.
         holders = {r: w for r, w in self.members.items() if r in old.ranks and w not in self.dead}
         holders = {r: w for r, w in holders.items() if r not in fresh}
@@ -1051,11 +1092,8 @@ class Controller:
         load = load_override if load_override is not None else self.window.total()
         if load is None or load.sum() <= 0:
             load = np.ones((old.num_layers, old.num_experts))  # no statistics yet: balance replica counts
-        ranks = sorted(members)
-        new = rebalance_experts(
-            load, ranks, cfg.slots_per_rank, rank_nodes=[self.rank_nodes.get(r, 0) for r in ranks],
-            num_groups=self.spec.num_groups, old=old, live_ranks=sorted(survivors), policy=cfg.policy,
-        )
+        new = layout_for(decision, old, load, cfg.slots_per_rank, survivors, num_groups=self.spec.num_groups,
+                         policy=cfg.policy)
         plan = plan_transfers(old, new, sorted(survivors), expert_bytes=self.spec.expert_bytes, fresh_ranks=fresh,
                               stripe_fetches=self._striping)
         rep.phases["plan"] = _now() - t0
@@ -1065,9 +1103,9 @@ class Controller:
             rep.epoch_to = self.epoch
             rep.noop = True
             self._refresh_balance(rep, new, load)
-            if any(w in self.dead for w in self.spares) or len(self.spares) < cfg.num_spares:
+            if decision.spare_starts or any(w in self.dead for w in self.spares):
                 t0 = _now()
-                self._after_commit(rep, force=True)  # a spare died (or a restart left too few): replace it
+                self._after_commit(rep, decision)  # a spare died (or a restart left too few): replace it
                 rep.phases["replenish"] = _now() - t0
             return rep
 
@@ -1169,7 +1207,7 @@ class Controller:
         prev = (self.layout, self.epoch, self.members, self.spares, self.lost)
         with self._state_lock:
             self.layout, self.epoch, self.members, self.spares, self.lost = new, epoch, members, spares, []
-            self.pending_commit = {"epoch": epoch, "retired": retired}
+            self.pending_commit = {"epoch": epoch, "retired": retired, "keep_spares": list(decision.keep_as_spares)}
         try:
             self._save()  # the decision: from here on a restarted controller rolls forward
         except OSError:
@@ -1183,7 +1221,10 @@ class Controller:
         retire_refs = {w: self.handles[w].retire.remote() for w in retired}
         retired_ok = self._get_all(retire_refs, cfg.call_timeout_s, "retire", tolerate_dead=True)
         with self._state_lock:
-            self._settle_retired([w for w in retired if w in retired_ok])
+            self._settle_retired([w for w in retired if w in retired_ok], list(decision.keep_as_spares))
+        rep.released = [w for w in retired if w not in decision.keep_as_spares]
+        if decision.drain is not None:
+            rep.safe_to_terminate_at = time.time()  # the drained worker serves nothing and was let go
             self.pending_commit = None
         rep.phases["commit"] = _now() - t0
         rep.committed_at = time.time()
@@ -1199,7 +1240,7 @@ class Controller:
         # After the critical path: replenish spares, re-form communicators, restore backups.
         t0 = _now()
         try:
-            self._after_commit(rep)
+            self._after_commit(rep, decision)
         except (ElasticEPError, RayError, GetTimeoutError) as exc:  # committed already: never retry the attempt
             rep.notes.append(f"after commit: {type(exc).__name__}: {exc}")
         rep.phases["replenish"] = _now() - t0
@@ -1213,16 +1254,18 @@ class Controller:
             rl = layout.rank_loads(load)
             rep.balance[name] = float((rl.max(axis=1) / np.maximum(rl.mean(axis=1), 1e-12)).mean())
 
-    def _after_commit(self, rep: RebalanceReport, force: bool = False) -> None:
+    def _after_commit(self, rep: RebalanceReport, decision: Decision) -> None:
+        """Refill the spare pool to ``num_spares`` (always), re-form communicators, restore backups."""
         cfg = self.cfg
         dead_spares = [w for w in self.spares if w in self.dead]
-        self.spares = [w for w in self.spares if w not in self.dead]
-        changed = bool(rep.replaced or rep.added or rep.dropped or dead_spares or force)
-        while len(self.spares) < cfg.num_spares and changed:
-            wid = self._new_worker(len(self.spares) % cfg.num_nodes)
+        with self._state_lock:
+            self.spares = [w for w in self.spares if w not in self.dead]
+        nodes = list(decision.spare_starts)
+        changed = bool(decision.changes_membership or dead_spares or nodes)
+        while len(self.spares) < cfg.num_spares:
+            node = nodes.pop(0) if nodes else len(self.spares) % cfg.num_nodes
             try:
-                self._wait_started([wid])
-                self.spares.append(wid)
+                self._start_worker(node)
             except WorkerStartupError as exc:
                 rep.notes.append(f"could not start a new spare: {exc}")
                 break

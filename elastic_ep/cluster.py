@@ -156,6 +156,16 @@ class ElasticEPCluster:
     def shrink(self, ranks: Union[int, list[int]]) -> dict:
         return self._call("shrink", [ranks] if isinstance(ranks, int) else list(ranks))
 
+    def drain(self, rank: int) -> dict:
+        """Move a live rank's experts to the others, commit, then release its worker process.
+
+        Returns the report; ``safe_to_terminate_at`` (wall clock) is when the released
+        process (and its node, once nothing else of this cluster runs there) may be shut
+        down. Refused with CapacityError (naming the numbers) for the last rank, a rank
+        already draining, or when the other ranks cannot hold every expert.
+        """
+        return self._call("drain", rank)
+
     def verify(self, against_checkpoint: bool = False) -> dict:
         """Check every slot's weights against its logical expert's reference fingerprint."""
         return self._call("verify", against_checkpoint)
@@ -168,13 +178,13 @@ class ElasticEPCluster:
         """
         return self._call("kill", rank, not allow_restart)
 
-    def arm_fault(self, rank: Union[int, str], phase: str, delay_s: float = 0.0) -> str:
+    def arm_worker_fault(self, rank: Union[int, str], phase: str, delay_s: float = 0.0) -> str:
         """Make a worker die when it next reaches ``phase`` (see elastic_ep.faults)."""
         return self._call("arm_worker_fault", rank, phase, delay_s)
 
     def arm_controller_fault(self, phase: str, delay_s: float = 0.0) -> None:
         """Make the controller die when it next reaches ``phase`` of a reconfiguration (it restarts and resumes)."""
-        self._call("arm_fault", phase, delay_s)
+        self._call("arm_controller_fault", phase, delay_s)
 
     def disarm_faults(self, rank: Union[int, str, None] = None) -> dict:
         """Disarm faults still armed on one worker (or on every live one); returns {worker id: phases}."""

@@ -262,3 +262,20 @@ def decide(view: ClusterView, request: Request) -> Decision:
         released=tuple(released), spare_starts=spare_starts,
         drain=remove[0] if request.kind == "drain" else None,
     )
+
+
+def layout_for(decision: Decision, old, load, slots_per_rank: int, live_ranks, num_groups: int = 1,
+               policy: str = "sticky"):
+    """The layout a decision leads to: ``load`` [num_layers, num_experts] placed over ``decision.ranks``.
+
+    ``old`` is the committed ExpertLayout; ``live_ranks`` the ranks whose slots still hold
+    their experts (they keep what they can under the sticky policy). Pure and deterministic,
+    so the controller and the chaos harness reach the same layout from the same inputs.
+    """
+    from .balance import rebalance_experts
+
+    ranks = decision.ranks
+    return rebalance_experts(
+        load, ranks, slots_per_rank, rank_nodes=[decision.rank_nodes.get(r, 0) for r in ranks],
+        num_groups=num_groups, old=old, live_ranks=sorted(live_ranks), policy=policy,
+    )

@@ -35,6 +35,8 @@ class RebalanceReport:
     total_s: float = 0.0
     since_death_s: Optional[float] = None  # recoveries: from the death being noticed to commit
     committed_at: Optional[float] = None  # wall-clock time (time.time()) the new layout became live
+    released: list[str] = field(default_factory=list)  # workers let go (shrink beyond the spare pool, drain)
+    safe_to_terminate_at: Optional[float] = None  # drain: wall clock from which the released process may end
 
     def to_dict(self) -> dict:
         d = asdict(self)
