@@ -34,7 +34,7 @@ import numpy as np
 
 from .config import ClusterConfig, ModelSpec
 from .decide import ClusterView, Request, decide, layout_for
-from .faults import CONTROLLER_PHASES
+from .faults import CONTROLLER_PHASES, ROLLED_FORWARD
 from .layout import ExpertLayout
 from .plan import DST, SRC, TransferPlan, plan_transfers
 from .testing import small_config
@@ -53,7 +53,6 @@ WORKER_SCENARIOS = {
     "spare_takeover": 2,  # a rank dies; the spare dies while receiving its experts
 }
 SCENARIOS = {**WORKER_SCENARIOS, **{f"controller_{p}": 1 for p in CONTROLLER_PHASES}}
-ROLLED_FORWARD = ("decided", "committed")  # controller phases after the decision is durable
 
 # Tiny in count (a CPU holds every worker) but 768 KiB per expert, so that an exchange lasts long
 # enough (tens of ms over Gloo) for a kill armed with a few ms of delay to land in the middle of it.

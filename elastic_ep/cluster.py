@@ -12,7 +12,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .config import ClusterConfig
-from .errors import ConfigError, ElasticEPError, UnknownRankError
+from .errors import ConfigError, ElasticEPError
 from .workload import SkewedRouter, logical_to_slot_counts
 
 
@@ -134,7 +134,9 @@ class ElasticEPCluster:
                 time.sleep(0.2)  # the controller is restarting: it resumes from its saved state
 
     def status(self) -> dict:
-        return self._call("status")
+        """A snapshot of the cluster as a dict; the keys and their meaning are documented on
+        ``elastic_ep.status.ClusterStatus`` (epoch, ranks, spares, dead, lost, unserved, layout, history, ...)."""
+        return self._call("status").to_dict()
 
     def rebalance(self, load=None) -> dict:
         """Re-place experts by the recorded load, or by ``load`` [num_layers, num_experts] when given.

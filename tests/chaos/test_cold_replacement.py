@@ -6,6 +6,7 @@ import pytest
 
 from elastic_ep.chaos import chaos_config
 from elastic_ep.cluster import ElasticEPCluster
+from elastic_ep.errors import CapacityError
 from elastic_ep.testing import sigkill_workers
 
 pytestmark = pytest.mark.timeout(180)
@@ -49,3 +50,29 @@ def test_spare_and_rank_sigkilled_with_no_room_heal_through_a_cold_worker(tight)
     assert len(_live_spares(st)) == 1  # and the dead spare was replaced too
     ver = tight.verify(against_checkpoint=True)
     assert ver["ok"] and ver["slots_checked"] == 4 * 3 * 3, ver
+
+
+def test_drain_moves_a_rank_off_and_releases_its_process(tight):
+    import os
+    import time
+
+    import ray
+
+    with pytest.raises(CapacityError, match=r"draining rank 1 would leave 3 ranks x 3 slots = 9 slots cannot hold 12"):
+        tight.drain(1)
+    (added,) = tight.grow(1)["added"]
+    pid = ray.get(tight.worker(added).ping.remote(), timeout=30)["pid"]
+    rep = tight.drain(added)
+    st = tight.status()
+    assert rep["dropped"] == [added] and rep["safe_to_terminate_at"] is not None and len(rep["released"]) == 1
+    assert sorted(st["ranks"]) == [0, 1, 2, 3] and rep["released"][0] not in st["dead"] + st["spares"]
+    assert rep["bytes_from_checkpoint"] == 0  # its experts moved to the others before it left
+    deadline = time.monotonic() + 30
+    while True:  # the released process is gone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, f"released worker pid {pid} still runs"
+        time.sleep(0.1)
+    assert tight.verify(against_checkpoint=True)["ok"]

@@ -14,7 +14,7 @@ import pytest
 from elastic_ep.chaos import ChaosRunner, chaos_config
 from elastic_ep.cluster import ElasticEPCluster
 from elastic_ep.errors import ExpertsLostError
-from elastic_ep.faults import CONTROLLER_PHASES
+from elastic_ep.faults import CONTROLLER_PHASES, ROLLED_FORWARD
 from elastic_ep.layout import ExpertLayout
 
 pytestmark = pytest.mark.timeout(180)
@@ -107,7 +107,7 @@ def test_controller_killed_mid_rebalance_commits_atomically(runner, cluster, pha
     res = _step(runner, f"controller_{phase}", 1)
     st = cluster.status()
     assert st["restarts"] == before["restarts"] + 1
-    rolled_forward = phase in ("decided", "committed")
+    rolled_forward = phase in ROLLED_FORWARD
     assert st["epoch"] == before["epoch"] + (1 if rolled_forward else 0), res
     assert (st["layout"] == before["layout"]) != rolled_forward
 
@@ -116,7 +116,7 @@ def test_rebalance_call_outlives_a_controller_restart(runner, cluster):
     """Through the public API the call is retried on the restarted controller, which rolled forward first."""
     st = cluster.status()
     load, expected, _ = runner._load_where(st, lambda p: [] if p.is_noop else [0])
-    cluster.arm_controller_fault("decided")
+    cluster.arm_controller_fault("commit")
     rep = cluster.rebalance(load)
     now = cluster.status()
     assert now["restarts"] == st["restarts"] + 1

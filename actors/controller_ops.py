@@ -1,0 +1,134 @@
+"""Controller operations beside reconfiguration: verification, load statistics and drills (faults, kills)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from elastic_ep.errors import TransferError, UnknownRankError
+from elastic_ep.faults import WORKER_PHASES
+from elastic_ep.workload import check_counts
+
+
+class ControllerOps:
+    """Mixed into Controller: what reads slots or load from the workers, or kills them on request.
+
+    Uses the controller's ``workers`` (WorkerGroup), ``layout``, ``spec``, ``cfg``,
+    ``window``, ``ref_fp``, ``faults`` and ``_lock``; decides nothing.
+    """
+
+    def verify(self, against_checkpoint: bool = False) -> dict:
+        """Fingerprint every live slot and compare with the reference (or a fresh read of the checkpoint)."""
+        with self._lock:
+            ref = self._checkpoint_fingerprints() if against_checkpoint else self.ref_fp
+            w = self.workers
+            calls = {r: (x, "fingerprints", ()) for r, x in w.members.items() if not w.is_dead(x)}
+            got = w.call_all(calls, self.cfg.call_timeout_s, "fingerprints", tolerate_dead=True)
+            bad, checked = [], 0
+            for r, rep in got.items():
+                want = self.layout.experts_of(r)
+                if not np.array_equal(rep["experts"], want):
+                    diff = np.argwhere(rep["experts"] != want)[0]
+                    bad.append({"rank": r, "layer": int(diff[0]), "slot": int(diff[1]), "why": "wrong expert"})
+                fp = rep["fingerprints"]
+                for layer, slot in np.ndindex(want.shape):
+                    checked += 1
+                    if fp[layer, slot] != ref[layer, want[layer, slot]]:
+                        bad.append({"rank": r, "layer": layer, "slot": slot, "expert": int(want[layer, slot]),
+                                    "why": "fingerprint mismatch"})
+            missing = sorted(set(w.members) - set(got))
+            return {"ok": not bad and not missing, "slots_checked": checked, "bad": bad[:20],
+                    "num_bad": len(bad), "ranks_unreachable": missing, "epoch": self.epoch}
+
+    def _checkpoint_fingerprints(self) -> np.ndarray:
+        from elastic_ep.storage import CheckpointReader, fingerprint_stacked
+
+        reader = CheckpointReader(self.cfg.checkpoint, self.spec, self.cfg.preset)
+        out = np.zeros((self.spec.num_layers, self.spec.num_experts), dtype=np.int64)
+        for layer in range(self.spec.num_layers):
+            w13, w2 = reader.read_layer_slots(layer, list(range(self.spec.num_experts)))
+            out[layer] = fingerprint_stacked(w13, w2)
+        return out
+
+    def report_load(self, load) -> None:
+        """A serving engine's per-expert token counts for one interval: [num_layers, num_experts]."""
+        self.window.add(check_counts(load, (self.spec.num_layers, self.spec.num_experts), "load"))
+
+    def record_slot_tokens(self, slot_counts) -> None:
+        """Distribute per-slot token counts [L, num_slots] of the current layout to the workers."""
+        counts = check_counts(slot_counts, (self.spec.num_layers, self.layout.num_slots), "slot_counts")
+        spr, members = self.cfg.slots_per_rank, self.workers.members
+        calls = {r: (members[r], "record_tokens", (counts[:, pos * spr: (pos + 1) * spr],))
+                 for pos, r in enumerate(self.layout.ranks)
+                 if r in members and not self.workers.is_dead(members[r])}
+        self.workers.call_all(calls, self.cfg.call_timeout_s, "record_tokens", tolerate_dead=True)
+
+    def collect_load(self) -> Optional[np.ndarray]:
+        """Pull the workers' per-slot token counts into the sliding window; returns the window total."""
+        w = self.workers
+        calls = {r: (x, "take_load", ()) for r, x in w.members.items() if not w.is_dead(x)}
+        got = w.call_all(calls, self.cfg.call_timeout_s, "take_load", tolerate_dead=True)
+        total = np.zeros((self.spec.num_layers, self.spec.num_experts))
+        any_tokens = False
+        for rep in got.values():
+            if rep["tokens"].sum() <= 0:
+                continue
+            any_tokens = True
+            experts = rep["experts"]
+            rows = np.repeat(np.arange(self.spec.num_layers), experts.shape[1])
+            valid = experts.ravel() >= 0
+            np.add.at(total, (rows[valid], experts.ravel()[valid]), rep["tokens"].ravel()[valid])
+        if any_tokens:
+            self.window.add(total)
+        return self.window.total()
+
+    def arm_controller_fault(self, phase: str, delay_s: float = 0.0) -> None:
+        """Make this controller die when it next enters ``phase`` (a Step's value) of a reconfiguration."""
+        self.faults.arm(phase, delay_s)
+
+    def arm_worker_fault(self, rank_or_wid, phase: str, delay_s: float = 0.0) -> str:
+        """Arm a worker to die at ``phase``. ``idle`` with no delay kills it now; this returns once it is dead."""
+        if phase not in WORKER_PHASES:
+            raise ValueError(f"unknown fault phase {phase!r}; known: {list(WORKER_PHASES)}")
+        wid = self._resolve(rank_or_wid)
+        now = phase == "idle" and delay_s <= 0
+        w = self.workers
+        gone = w.submit(wid, "watch") if now else None  # fails once this incarnation is gone
+        w.call_all({wid: (wid, "arm_fault", (phase, delay_s))}, self.cfg.call_timeout_s, "arm_fault", tolerate_dead=now)
+        if now:
+            if not w.wait_gone(gone, self.cfg.call_timeout_s):
+                raise TransferError(f"worker {wid} armed to die at once still lives after {self.cfg.call_timeout_s}s")
+            w.mark_dead(wid)
+        return wid
+
+    def disarm_worker_faults(self, rank_or_wid=None) -> dict:
+        """Disarm every fault still armed on one worker (or on all live ones); returns {worker id: phases}."""
+        w = self.workers
+        wids = [self._resolve(rank_or_wid)] if rank_or_wid is not None else w.live(list(w.members.values()) + w.spares)
+        return w.call_all({x: (x, "disarm_fault", ()) for x in wids}, self.cfg.call_timeout_s, "disarm",
+                          tolerate_dead=True)
+
+    def _resolve(self, rank_or_wid) -> str:
+        w = self.workers
+        if isinstance(rank_or_wid, str):
+            if rank_or_wid not in w.records:
+                raise UnknownRankError(f"no worker {rank_or_wid!r}; workers: {sorted(w.records)}")
+            return rank_or_wid
+        if isinstance(rank_or_wid, bool) or not isinstance(rank_or_wid, (int, np.integer)):
+            raise UnknownRankError(f"a rank is an int id (or a worker id str), got {rank_or_wid!r}")
+        members = w.members
+        if int(rank_or_wid) not in members:
+            raise UnknownRankError(f"no rank {int(rank_or_wid)}; ranks: {sorted(members)}")
+        return members[int(rank_or_wid)]
+
+    def worker_handle(self, rank_or_wid):
+        return self.workers.handle(self._resolve(rank_or_wid))
+
+    def kill(self, rank_or_wid, no_restart: bool = True) -> str:
+        """Kill a worker (chaos drills); returns its worker id once it is gone and marked dead."""
+        wid = self._resolve(rank_or_wid)
+        self.workers.kill(wid, restart=not no_restart)
+        if no_restart:
+            self.workers.mark_dead(wid)
+        return wid
