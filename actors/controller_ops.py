@@ -1,4 +1,4 @@
-"""Controller operations beside reconfiguration: verification, load statistics and drills (faults, kills)."""
+"""Controller operations beside reconfiguration: status views, verification, load statistics, drills."""
 
 from __future__ import annotations
 
@@ -8,15 +8,56 @@ import numpy as np
 
 from elastic_ep.errors import TransferError, UnknownRankError
 from elastic_ep.faults import WORKER_PHASES
+from elastic_ep.layout import ExpertLayout
+from elastic_ep.status import ClusterStatus, CommittedView
 from elastic_ep.workload import check_counts
 
 
 class ControllerOps:
-    """Mixed into Controller: what reads slots or load from the workers, or kills them on request.
+    """Mixed into Controller: views of its state, what reads slots or load from the workers, drills.
 
     Uses the controller's ``workers`` (WorkerGroup), ``layout``, ``spec``, ``cfg``,
-    ``window``, ``ref_fp``, ``faults`` and ``_lock``; decides nothing.
+    ``window``, ``ref_fp``, ``faults`` and locks; decides nothing.
     """
+
+    def status(self) -> ClusterStatus:
+        """A snapshot of the cluster (see ClusterStatus for its fields)."""
+        w = self.workers
+        with self._state_lock:
+            layout, members, spares = self.layout, w.members, w.spares
+            prepared = self.backups.prepared(set(spares) | set(members.values())) if self.backups else {}
+            return ClusterStatus(
+                epoch=self.epoch, generation=self.comms.generation, ranks=dict(sorted(members.items())),
+                spares=list(spares), dead=sorted(w.dead), lost=[tuple(k) for k in self.lost],
+                unserved=self._unserved(layout), death_times=w.death_times(),
+                backed_up=len(self.backups.backup_of) if self.backups else 0,
+                spares_prepared={x: v for x, v in prepared.items() if x in spares},
+                members_prepared={x: v for x, v in prepared.items() if x not in spares},
+                node_ids=dict(getattr(getattr(w, "pins", None), "node_ids", {})), last_error=self.last_error,
+                rank_nodes=self.rank_nodes, layout=layout.to_dict() if layout is not None else None,
+                restarts=self.restarts, busy=self._busy.is_set(), load_reports=len(self.window),
+                history=self.history[-10:], workers=w.to_list(),
+            )
+
+    def committed_view(self) -> CommittedView:
+        """The layout in force now and the live worker of each rank (read-only; for serving engines)."""
+        w = self.workers
+        with self._state_lock:
+            layout = self.layout
+            live = {r: w.handle(x) for r, x in w.members.items() if not w.is_dead(x)}
+            return CommittedView(epoch=self.epoch, phy2log=layout.phy2log.copy(), slots_per_rank=layout.slots_per_rank,
+                                 workers=live, dead_ranks=tuple(sorted(r for r in w.members if r not in live)))
+
+    def _unserved(self, layout: Optional[ExpertLayout]) -> list[tuple[int, int]]:
+        """(layer, expert) pairs with no replica on a live member right now."""
+        if layout is None:
+            return []
+        members = self.workers.members
+        live = np.array([r in members and not self.workers.is_dead(members[r]) for r in layout.ranks], dtype=bool)
+        held = layout.rank_view()[:, live, :].reshape(layout.num_layers, -1)
+        covered = np.zeros((layout.num_layers, layout.num_experts), dtype=bool)
+        covered[np.repeat(np.arange(layout.num_layers), held.shape[1]), held.ravel()] = True
+        return [(int(l), int(e)) for l, e in np.argwhere(~covered)]
 
     def verify(self, against_checkpoint: bool = False) -> dict:
         """Fingerprint every live slot and compare with the reference (or a fresh read of the checkpoint)."""
