@@ -448,20 +448,6 @@ class ExpertWorker:
             raise ValueError(f"method must be 'grouped', 'loop' or 'auto', got {method!r}")
         self.serve_method = method
 
-    def forward_check(self, layer: int, slot: int) -> float:
-        """A tiny expert forward (SiLU-gated MLP) on a fixed input, to show slots are usable as weights.
-
-        Unquantized formats only (ValueError otherwise); FP8/MXFP4/INT4 kernels belong to the serving engine.
-        """
-        if self.spec.quant != "none":
-            raise ValueError(f"forward_check needs unquantized experts; this model's are {self.spec.quant!r}")
-        w13 = self.weights.w13[layer, slot].float()
-        w2 = self.weights.w2[layer, slot].float()
-        x = torch.ones(1, w13.shape[1], device=w13.device) / w13.shape[1]
-        gate, up = (x @ w13.T).chunk(2, dim=-1)
-        return float((torch.nn.functional.silu(gate) * up @ w2.T).sum())
-
-
 class _NoTransport:
     """A rank with no point-to-point work in a plan."""
 
@@ -499,5 +485,5 @@ for _name in ("serve_layer", "set_serve_method"):  # serving runs beside transfe
 for _name in ("ping", "arm_fault", "disarm_fault", "abort"):
     setattr(ExpertWorker, _name, ray.method(concurrency_group="control")(getattr(ExpertWorker, _name)))
 for _name in ("load", "export_experts", "form_group", "leave_groups", "execute", "commit", "discard",
-              "retire", "fingerprints", "record_tokens", "take_load", "forward_check"):
+              "retire", "fingerprints", "record_tokens", "take_load"):
     setattr(ExpertWorker, _name, ray.method(concurrency_group="data")(getattr(ExpertWorker, _name)))

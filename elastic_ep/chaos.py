@@ -32,9 +32,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .balance import rebalance_experts
 from .config import ClusterConfig, ModelSpec
-from .faults import CONTROLLER_PHASES
+from .decide import ClusterView, Request, decide, layout_for
+from .faults import CONTROLLER_PHASES, ROLLED_FORWARD
 from .layout import ExpertLayout
 from .plan import DST, SRC, TransferPlan, plan_transfers
 from .testing import small_config
@@ -53,7 +53,6 @@ WORKER_SCENARIOS = {
     "spare_takeover": 2,  # a rank dies; the spare dies while receiving its experts
 }
 SCENARIOS = {**WORKER_SCENARIOS, **{f"controller_{p}": 1 for p in CONTROLLER_PHASES}}
-ROLLED_FORWARD = ("decided", "committed")  # controller phases after the decision is durable
 
 # Tiny in count (a CPU holds every worker) but 768 KiB per expert, so that an exchange lasts long
 # enough (tens of ms over Gloo) for a kill armed with a few ms of delay to land in the middle of it.
@@ -108,15 +107,20 @@ class ChaosRunner:
         return np.stack([self.rng.permutation(base) for _ in range(L)]) * 10_000
 
     def _plan_for(self, st: dict, load: np.ndarray) -> tuple[ExpertLayout, TransferPlan]:
-        """The layout and plan the controller will make for ``rebalance(load)`` (it is deterministic)."""
+        """The layout and plan the controller will make for ``rebalance(load)``: the same decide() and
+        layout_for() on the same view (both are deterministic)."""
         old = self._layout(st)
-        ranks = sorted(int(r) for r in st["ranks"])
-        nodes = {int(r): int(n) for r, n in st["rank_nodes"].items()}
-        new = rebalance_experts(
-            load, ranks, self.cfg.slots_per_rank, rank_nodes=[nodes.get(r, 0) for r in ranks],
-            num_groups=self.spec.num_groups, old=old, live_ranks=ranks, policy=self.cfg.policy,
+        view = ClusterView(
+            members={int(r): w for r, w in st["ranks"].items()}, rank_nodes=dict(zip(old.ranks, old.rank_nodes)),
+            spares=tuple(st["spares"]), dead=frozenset(st["dead"]), num_experts=self.spec.num_experts,
+            slots_per_rank=self.cfg.slots_per_rank, num_spares=self.cfg.num_spares, num_nodes=self.cfg.num_nodes,
+            ranks_per_node=max(1, self.cfg.num_ranks // self.cfg.num_nodes), layout_ranks=old.ranks,
         )
-        return new, plan_transfers(old, new, ranks, expert_bytes=self.spec.expert_bytes, fresh_ranks=set())
+        decision = decide(view, Request("rebalance"))
+        live = [r for r in old.ranks if r in decision.members and r not in decision.fresh]
+        new = layout_for(decision, old, load, self.cfg.slots_per_rank, live, num_groups=self.spec.num_groups,
+                         policy=self.cfg.policy)
+        return new, plan_transfers(old, new, live, expert_bytes=self.spec.expert_bytes, fresh_ranks=set(decision.fresh))
 
     def _load_where(self, st: dict, pick: Callable[[TransferPlan], list[int]]) -> tuple[np.ndarray, ExpertLayout, int]:
         """A load whose rebalance has a candidate rank for ``pick``; returns (load, new layout, rank)."""
@@ -160,12 +164,12 @@ class ChaosRunner:
         ranks = self._ranks(st)
         pick = lambda xs: int(self.rng.choice(xs))  # noqa: E731
         if name == "idle":
-            c.arm_fault(pick(ranks), "idle")
+            c.arm_worker_fault(pick(ranks), "idle")
         elif name == "spare_idle":
-            c.arm_fault(st["spares"][0], "idle")
+            c.arm_worker_fault(st["spares"][0], "idle")
         elif name == "form_group":
             a, b = self.rng.choice(ranks, size=2, replace=False)
-            c.arm_fault(int(a), "form_group")
+            c.arm_worker_fault(int(a), "form_group")
             c.kill(int(b))  # its recovery re-forms the communicators, where rank a dies
         elif name in ("transfer_send", "transfer_recv", "staged"):
             col = {"transfer_send": SRC, "transfer_recv": DST}.get(name)
@@ -174,19 +178,19 @@ class ChaosRunner:
             else:
                 load, _, victim = self._load_where(st, lambda p: sorted(set(p.transfers[:, col].tolist())))
             delay = 0.002 if name == "transfer_send" else 0.0  # dies during the exchange, not before it
-            c.arm_fault(victim, name, delay)
+            c.arm_worker_fault(victim, name, delay)
             res.failures = c.rebalance(load)["failures"]
         elif name == "fetch":
             victim = pick(self._unique_holder_ranks(st, unique=True) or ranks)
-            c.arm_fault(st["spares"][0], "fetch")  # the spare that takes over loads the dead rank's experts
+            c.arm_worker_fault(st["spares"][0], "fetch")  # the spare that takes over loads the dead rank's experts
             c.kill(victim)
         elif name == "spare_takeover":
             victim = pick(self._unique_holder_ranks(st, unique=False) or ranks)
-            c.arm_fault(st["spares"][0], "transfer_recv")  # dies receiving the dead rank's experts
+            c.arm_worker_fault(st["spares"][0], "transfer_recv")  # dies receiving the dead rank's experts
             c.kill(victim)
         elif name == "two_at_once":
             a, b = (int(x) for x in self.rng.choice(ranks, size=2, replace=False))
-            wids = [c.arm_fault(a, "idle", 0.3), c.arm_fault(b, "idle", 0.3)]  # timers fire ms apart
+            wids = [c.arm_worker_fault(a, "idle", 0.3), c.arm_worker_fault(b, "idle", 0.3)]  # timers fire ms apart
             deadline = time.monotonic() + self.cfg.call_timeout_s
             while not set(wids) <= set(c.status()["dead"]):  # both deaths noticed before the checks
                 if time.monotonic() > deadline:

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .config import ClusterConfig
-from .errors import ClusterNotFoundError, ConfigError, ElasticEPError, UnknownRankError
+from .errors import ClusterNotFoundError, ConfigError, ElasticEPError
 from .workload import SkewedRouter
 
 
@@ -219,10 +219,18 @@ class ElasticEPCluster:
             return self._call(method, *args, timeout=timeout)  # a restarting controller: retried there
 
     def status(self) -> dict:
-        return self._call("status")
+        """A snapshot of the cluster as a dict; the keys and their meaning are documented on
+        ``elastic_ep.status.ClusterStatus`` (epoch, ranks, spares, dead, lost, unserved, layout, history, ...)."""
+        return self._call("status").to_dict()
 
     def drain(self, rank: int) -> dict:
-        """Move a live rank's experts to the others, commit, then release it (report: ``safe_to_terminate``)."""
+        """Move a live rank's experts to the others, commit, then release its worker process.
+
+        Returns the report; ``safe_to_terminate_at`` (wall clock) is when the released
+        process (and its node, once nothing else of this cluster runs there) may be shut
+        down. Refused with CapacityError (naming the numbers) for the last rank, a rank
+        already draining, or when the other ranks cannot hold every expert.
+        """
         return self._call("drain", rank)
 
     def rebalance(self, load=None) -> dict:
@@ -260,13 +268,13 @@ class ElasticEPCluster:
         """
         return self._call("kill", rank, not allow_restart)
 
-    def arm_fault(self, rank: Union[int, str], phase: str, delay_s: float = 0.0) -> str:
+    def arm_worker_fault(self, rank: Union[int, str], phase: str, delay_s: float = 0.0) -> str:
         """Make a worker die when it next reaches ``phase`` (see elastic_ep.faults)."""
         return self._call("arm_worker_fault", rank, phase, delay_s)
 
     def arm_controller_fault(self, phase: str, delay_s: float = 0.0) -> None:
         """Make the controller die when it next reaches ``phase`` of a reconfiguration (it restarts and resumes)."""
-        self._call("arm_fault", phase, delay_s)
+        self._call("arm_controller_fault", phase, delay_s)
 
     def disarm_faults(self, rank: Union[int, str, None] = None) -> dict:
         """Disarm faults still armed on one worker (or on every live one); returns {worker id: phases}."""

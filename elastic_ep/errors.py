@@ -60,10 +60,6 @@ class WorkerStartupError(ElasticEPError):
     """A worker actor did not start or load its slots within its timeout."""
 
 
-class RebalanceInProgressError(ElasticEPError):
-    """A rebalance was requested while another one holds the lock past the wait limit."""
-
-
 class UnknownRankError(ElasticEPError, ValueError):
     """A rank id that the cluster does not have was named."""
 

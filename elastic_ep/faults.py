@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 # Phases a worker passes through; arming one kills the worker there.
 WORKER_PHASES = (
@@ -17,10 +18,27 @@ WORKER_PHASES = (
     "staged",  # between staging and commit
     "load",  # while loading its slots at start or on takeover
 )
-# Phases the controller passes through during a rebalance. A controller death at or before
-# "committing" rolls the reconfiguration back on restart; at "decided" (the new layout is
-# durable, worker commits in flight) or "committed" it rolls forward.
-CONTROLLER_PHASES = ("planned", "executing", "verified", "committing", "decided", "committed")
+
+
+class Step(str, enum.Enum):
+    """The states of the controller's reconfiguration state machine, in order; also its fault phases and the
+    report's phase names. A controller death on entering a step up to PERSIST rolls the reconfiguration
+    back on restart; from COMMIT on (the new layout is durable) it rolls forward."""
+
+    DETECT = "detect"  # ping every worker; mark the silent ones dead
+    DECIDE = "decide"  # decide(): who serves which rank; start cold workers
+    PLAN = "plan"  # the new layout and the transfer plan (pure)
+    COMMUNICATORS = "communicators"  # groups holding every worker that moves weights
+    TRANSFER = "transfer"  # peers, backups and the checkpoint into staging on every participant
+    VERIFY = "verify"  # every staged slot against its expert's reference fingerprint
+    PERSIST = "persist"  # the new layout written with pending_commit: the decision
+    COMMIT = "commit"  # every participant makes its staging live; retired workers let go
+    REPLENISH = "replenish"  # spares refilled, communicators re-formed, backups restored
+    DONE = "done"
+
+
+CONTROLLER_PHASES = tuple(s.value for s in Step if s is not Step.DONE)
+ROLLED_FORWARD = tuple(s.value for s in (Step.COMMIT, Step.REPLENISH))  # a death here keeps the new layout
 
 EXIT_CODE = 17
 
@@ -36,8 +54,9 @@ class Fault:
 class FaultInjector:
     """Holds the faults armed in this process and fires them (``os._exit``, as a crash would)."""
 
-    def __init__(self, phases: tuple[str, ...]):
+    def __init__(self, phases: tuple[str, ...], fire: Optional[Callable[[], None]] = None):
         self.phases = phases
+        self._fire = fire or (lambda: os._exit(EXIT_CODE))  # tests hand in one that raises instead
         self._armed: dict[str, Fault] = {}
         self._lock = threading.Lock()
 
@@ -69,7 +88,8 @@ class FaultInjector:
         if fault is None:
             return
         if fault.delay_s <= 0:
-            os._exit(EXIT_CODE)
-        timer = threading.Timer(fault.delay_s, os._exit, args=(EXIT_CODE,))
+            self._fire()
+            return
+        timer = threading.Timer(fault.delay_s, self._fire)
         timer.daemon = True
         timer.start()

@@ -10,7 +10,8 @@ from typing import Optional
 class RebalanceReport:
     """The outcome of one rebalance or recovery (JSON friendly through ``to_dict``).
 
-    phases: seconds per phase (detect, decide, plan, communicators, transfer, verify, commit, replenish).
+    phases: seconds per step of the controller's state machine, keyed by ``elastic_ep.faults.Step``
+    values (detect, decide, plan, communicators, transfer, verify, persist, commit, replenish).
     bytes_p2p / bytes_from_backup / bytes_from_checkpoint: where the moved weights came from.
     """
 
@@ -35,6 +36,8 @@ class RebalanceReport:
     total_s: float = 0.0
     since_death_s: Optional[float] = None  # recoveries: from the death being noticed to commit
     committed_at: Optional[float] = None  # wall-clock time (time.time()) the new layout became live
+    released: list[str] = field(default_factory=list)  # workers let go (shrink beyond the spare pool, drain)
+    safe_to_terminate_at: Optional[float] = None  # drain: wall clock from which the released process may end
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -45,8 +48,14 @@ class RebalanceReport:
     @property
     def critical_path_s(self) -> float:
         """Seconds from detection to commit (spare replenishment happens after)."""
-        keys = ("detect", "decide", "plan", "communicators", "transfer", "verify", "commit")
-        return sum(self.phases.get(k, 0.0) for k in keys)
+        return critical_path_s(self.phases)
+
+
+def critical_path_s(phases: dict) -> float:
+    """Seconds of a report's ``phases`` from detection to commit (every step before REPLENISH)."""
+    from .faults import Step
+
+    return sum(phases.get(s.value, 0.0) for s in Step if s not in (Step.REPLENISH, Step.DONE))
 
 
 def human_bytes(n: float) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from .config import ClusterConfig, ModelSpec
 
@@ -49,3 +50,67 @@ def local_ray(namespace: str, prefix: str = "eepr", num_cpus: int = 4):
         yield ray
     finally:
         ray.shutdown()
+
+
+def sigkill_workers(cluster, ranks_or_wids, timeout_s: float = 30.0) -> list[str]:
+    """SIGKILL worker processes from outside, as the world kills them; returns their worker ids.
+
+    Looks every pid up first (so the kills land together), then waits until the controller
+    has noticed each death (``status()["dead"]``), so a following ``wait_healthy`` waits
+    for the recovery instead of returning before it began.
+    """
+    import signal
+    import time
+
+    import ray
+
+    targets = []
+    for who in ranks_or_wids:
+        info = ray.get(cluster.worker(who).ping.remote(), timeout=timeout_s)
+        targets.append((info["worker_id"], info["pid"]))
+    for _, pid in targets:
+        os.kill(pid, signal.SIGKILL)
+    wids = [w for w, _ in targets]
+    deadline = time.monotonic() + timeout_s
+    while not set(wids) <= set(cluster.status()["dead"]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"workers {wids} were SIGKILLed but not noticed dead within {timeout_s}s")
+        time.sleep(0.02)
+    return wids
+
+
+@contextlib.contextmanager
+def ray_node_cluster(num_nodes: int, namespace: str, system_config: Optional[dict] = None, cpus_per_node: int = 2):
+    """A ``ray.cluster_utils.Cluster`` of ``num_nodes`` nodes on this machine (a head and workers), the
+    driver connected to it; node i has the custom resource ``eep_node{i}``. Yields (ray, cluster, worker nodes)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    tmp = tempfile.mkdtemp(prefix="eepn", dir="/tmp")
+    # Cluster() records the head's address in Ray's default temp folder whatever temp_dir
+    # says, and fails on a machine where no Ray session has created that folder yet.
+    os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=cpus_per_node, resources={"eep_node0": 1}, include_dashboard=False, temp_dir=tmp,
+        _system_config=system_config or {}))
+    workers = [cluster.add_node(num_cpus=cpus_per_node, resources={f"eep_node{i}": 1}) for i in range(1, num_nodes)]
+    cluster.wait_for_nodes()
+    root = str(Path(__file__).resolve().parents[1])
+    ray.init(address=cluster.address, namespace=namespace, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": root}})
+
+    @ray.remote(num_cpus=0)
+    def where() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    # A task on each node first: its raylet then schedules (soft node affinity falls back to another
+    # node while the target has not yet reported its resources).
+    seen = ray.get([where.options(resources={f"eep_node{i}": 0.01}).remote() for i in range(num_nodes)], timeout=60)
+    assert len(set(seen)) == num_nodes, seen
+    try:
+        yield ray, cluster, workers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

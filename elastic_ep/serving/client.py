@@ -22,7 +22,7 @@ import torch
 
 from ..config import ModelSpec
 from ..errors import ExpertsUnavailableError, ServingError, ServingInputError, StaleEpochError
-from ..view import CommittedView
+from ..status import CommittedView
 from .dispatch import DispatchPlan, check_call, plan_dispatch
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}

@@ -13,8 +13,8 @@ import pytest
 
 from elastic_ep.chaos import ChaosRunner, chaos_config
 from elastic_ep.cluster import ElasticEPCluster
-from elastic_ep.errors import CapacityError, ExpertsLostError
-from elastic_ep.faults import CONTROLLER_PHASES
+from elastic_ep.errors import ExpertsLostError
+from elastic_ep.faults import CONTROLLER_PHASES, ROLLED_FORWARD
 from elastic_ep.layout import ExpertLayout
 
 pytestmark = pytest.mark.timeout(180)
@@ -107,7 +107,7 @@ def test_controller_killed_mid_rebalance_commits_atomically(runner, cluster, pha
     res = _step(runner, f"controller_{phase}", 1)
     st = cluster.status()
     assert st["restarts"] == before["restarts"] + 1
-    rolled_forward = phase in ("decided", "committed")
+    rolled_forward = phase in ROLLED_FORWARD
     assert st["epoch"] == before["epoch"] + (1 if rolled_forward else 0), res
     assert (st["layout"] == before["layout"]) != rolled_forward
 
@@ -116,7 +116,7 @@ def test_rebalance_call_outlives_a_controller_restart(runner, cluster):
     """Through the public API the call is retried on the restarted controller, which rolled forward first."""
     st = cluster.status()
     load, expected, _ = runner._load_where(st, lambda p: [] if p.is_noop else [0])
-    cluster.arm_controller_fault("decided")
+    cluster.arm_controller_fault("commit")
     rep = cluster.rebalance(load)
     now = cluster.status()
     assert now["restarts"] == st["restarts"] + 1
@@ -141,35 +141,36 @@ def tight(ray_local, chaos_checkpoint, tmp_path):
     c.shutdown()
 
 
-def test_capacity_then_lost_experts_are_typed_and_nothing_is_guessed(tight):
+def test_no_room_heals_cold_then_lost_experts_are_typed_and_nothing_is_guessed(tight):
     c, ckpt, pristine = tight
     before = c.status()
+    # 3 ranks x 3 slots cannot hold 12 experts and there is no spare: a worker started cold takes
+    # rank 1 over, reading what no survivor holds from the checkpoint (no backups here).
     c.kill(1)
-    # 3 ranks x 3 slots cannot hold 12 experts: CapacityError, the old layout stays in force.
-    with pytest.raises(CapacityError, match="9 slots cannot hold 12"):
+    st = c.wait_healthy(timeout_s=90)
+    rec = [h for h in st["history"] if h["reason"] == "recover"][-1]
+    assert rec["replaced"]["1"].endswith("(cold)") and rec["bytes_from_checkpoint"] > 0
+    assert sorted(st["ranks"]) == [0, 1, 2, 3] and st["unserved"] == [] and st["last_error"] is None
+    assert c.verify(against_checkpoint=True)["ok"]
+    before = st
+
+    # The checkpoint disappears too: a new worker could hold rank 1, but nothing can give its weights.
+    shutil.rmtree(ckpt)
+    c.kill(1)
+    with pytest.raises(ExpertsLostError) as info:
         c.recover()
     st = c.status()
-    assert st["layout"] == before["layout"] and st["epoch"] == before["epoch"]
-    assert "CapacityError" in st["last_error"]
     dead_rank = ExpertLayout.from_dict(st["layout"]).experts_of(1)
-    assert sorted(st["unserved"]) == sorted({(l, int(e)) for l in range(3) for e in dead_rank[l]})
-    assert st["lost"] == []  # the checkpoint still has them
-    ver = c.verify(against_checkpoint=True)
-    assert not ver["ok"] and ver["ranks_unreachable"] == [1] and ver["num_bad"] == 0  # survivors intact
-
-    # The checkpoint disappears too: a new rank could hold them, but nothing can give their weights.
-    shutil.rmtree(ckpt)
-    with pytest.raises(ExpertsLostError) as info:
-        c.grow(1)
     assert sorted(info.value.lost) == sorted(st["unserved"])
-    st = c.status()
+    assert sorted(st["unserved"]) == sorted({(l, int(e)) for l in range(3) for e in dead_rank[l]})
     assert sorted(st["lost"]) == sorted(info.value.lost)
     assert st["layout"] == before["layout"] and st["epoch"] == before["epoch"]
-    assert c.verify()["num_bad"] == 0  # still serving what it can, nothing overwritten
+    ver = c.verify()
+    assert ver["num_bad"] == 0 and ver["ranks_unreachable"] == [1]  # still serving what it can, nothing overwritten
 
     # The checkpoint comes back: the same request now succeeds and every slot verifies.
     shutil.copytree(pristine, ckpt)
-    rep = c.grow(1)
+    rep = c.recover()
     assert rep["epoch_to"] == before["epoch"] + 1 and rep["bytes_from_checkpoint"] > 0
     st = c.wait_healthy(timeout_s=60)
     assert st["lost"] == [] and st["unserved"] == [] and st["last_error"] is None

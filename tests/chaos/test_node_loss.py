@@ -1,8 +1,6 @@
 """Whole-node loss on a 3-node Ray cluster on one machine: the experts a node held come back from
 peers and from backups kept on other nodes; every slot verifies; backups are re-made elsewhere."""
 
-import os
-import tempfile
 import time
 
 import pytest
@@ -10,11 +8,10 @@ import pytest
 from elastic_ep.cluster import ElasticEPCluster
 from elastic_ep.config import ClusterConfig
 from elastic_ep.storage import write_synthetic_checkpoint
-from elastic_ep.testing import SMALL
+from elastic_ep.testing import SMALL, ray_node_cluster
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Node death is noticed by the GCS health check: period x threshold (+ timeout) ~ 1.5 s here
 # instead of the 3 s x 5 default (RAY_NOTES.md).
 HEALTH_CHECK = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300,
@@ -24,34 +21,8 @@ HEALTH_CHECK = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 30
 @pytest.fixture(scope="module")
 def ray_nodes():
     """A head and two worker nodes, 2 CPUs and a custom resource each; the driver on the head."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    tmp = tempfile.mkdtemp(prefix="eepn", dir="/tmp")
-    # Cluster() records the head's address in Ray's default temp folder whatever temp_dir
-    # says, and fails on a machine where no Ray session has created that folder yet.
-    os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=2, resources={"eep_node0": 1}, include_dashboard=False, temp_dir=tmp,
-        _system_config=HEALTH_CHECK))
-    workers = [cluster.add_node(num_cpus=2, resources={f"eep_node{i}": 1}) for i in (1, 2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, namespace="elastic-ep-nodes", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
-
-    @ray.remote(num_cpus=0)
-    def where() -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    # A task on each node first: its raylet then schedules (soft node affinity falls back to another
-    # node while the target has not yet reported its resources).
-    seen = ray.get([where.options(resources={f"eep_node{i}": 0.01}).remote() for i in range(3)], timeout=60)
-    assert len(set(seen)) == 3
-    yield ray, cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
+    with ray_node_cluster(3, "elastic-ep-nodes", HEALTH_CHECK) as nodes:
+        yield nodes
 
 
 def _node_of(ray, handle) -> str:

@@ -72,7 +72,7 @@ def test_kill_mid_transfer_is_bounded_and_retried(ray_gpu, checkpoint):
     with ElasticEPCluster(_config(checkpoint, name="gpu2", auto_recover=False)) as c:
         c.run_workload(batches=8, zipf_s=1.3)
         before_epoch = c.status()["epoch"]
-        c.arm_fault(1, "transfer_recv", 0.0)  # rank 1 dies as the exchange starts
+        c.arm_worker_fault(1, "transfer_recv", 0.0)  # rank 1 dies as the exchange starts
         t0 = time.monotonic()
         rep = c.rebalance()
         elapsed = time.monotonic() - t0

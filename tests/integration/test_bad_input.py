@@ -208,11 +208,11 @@ def test_unknown_ranks_and_phases(served):
     with pytest.raises(UnknownRankError, match="no rank 99"):
         c.shrink([99])
     with pytest.raises(UnknownRankError, match="no rank 42"):
-        c.arm_fault(42, "idle")
+        c.arm_worker_fault(42, "idle")
     with pytest.raises(UnknownRankError, match="a rank is an int id"):
         c.kill(1.5)
     with pytest.raises(ValueError, match="unknown fault phase 'commit'"):
-        c.arm_fault(0, "commit")
+        c.arm_worker_fault(0, "commit")
     with pytest.raises(ValueError, match="unknown fault phase 'bogus'"):
         c.arm_controller_fault("bogus")
     with pytest.raises(ValueError, match="grow needs num_ranks >= 1, got 0"):

@@ -39,7 +39,7 @@ def _history(cluster, since: int) -> list[dict]:
 
 def _kill_two_at_once(cluster, a: int, b: int) -> None:
     """Two ranks die milliseconds apart (timers armed together); returns once both deaths are seen."""
-    wids = [cluster.arm_fault(a, "idle", 0.3), cluster.arm_fault(b, "idle", 0.3)]
+    wids = [cluster.arm_worker_fault(a, "idle", 0.3), cluster.arm_worker_fault(b, "idle", 0.3)]
     deadline = time.monotonic() + 30
     while not set(wids) <= set(cluster.status()["dead"]):
         assert time.monotonic() < deadline, f"workers {wids} armed to die did not"

@@ -137,7 +137,7 @@ def test_fault_injector_rejects_unknown_phases_and_negative_delays():
     assert faults.armed() == ["staged"]
     faults.disarm()
     faults.hit("staged")  # disarmed: nothing happens
-    assert "committing" in CONTROLLER_PHASES and "decided" in CONTROLLER_PHASES
+    assert "persist" in CONTROLLER_PHASES and "commit" in CONTROLLER_PHASES
 
 
 # -- errors cross actor boundaries ---------------------------------------------------------

@@ -138,7 +138,7 @@ def test_check_call_names_the_bad_value(kwargs, cls, text):
 
 def test_dispatch_imports_no_ray_or_torch():
     root = Path(__file__).resolve().parents[2]
-    code = ("import sys, elastic_ep.serving.dispatch, elastic_ep.view\n"
+    code = ("import sys, elastic_ep.serving.dispatch, elastic_ep.status\n"
             "print([m for m in ('ray', 'torch', 'torch.distributed') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)})

@@ -41,10 +41,13 @@ def test_balance_package_is_listed():
 
 
 def test_planning_core_imports_no_ray_or_torch():
-    _check(["elastic_ep.layout", *BALANCE, "elastic_ep.plan"])
+    _check(["elastic_ep.layout", *BALANCE, "elastic_ep.plan", "elastic_ep.decide", "elastic_ep.serving.dispatch",
+            "elastic_ep.serving_stats", "elastic_ep.degraded"])
 
 
-@pytest.mark.parametrize("module", ["elastic_ep", "elastic_ep.errors", "elastic_ep.layout", *BALANCE, "elastic_ep.plan"])
+@pytest.mark.parametrize("module", ["elastic_ep", "elastic_ep.errors", "elastic_ep.layout", *BALANCE, "elastic_ep.plan",
+                                    "elastic_ep.decide", "elastic_ep.serving.dispatch", "elastic_ep.serving_stats",
+                                    "elastic_ep.degraded"])
 def test_each_pure_module_alone(module):
     _check([module])
 

@@ -1,0 +1,247 @@
+"""The reconfiguration state machine: one method per Step, each doing its step and naming the next."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from elastic_ep.decide import REQUESTS, Decision, Request, decide, layout_for
+from elastic_ep.errors import ElasticEPError, ExpertsLostError, TransferError
+from elastic_ep.faults import Step
+from elastic_ep.layout import ExpertLayout
+from elastic_ep.plan import TransferPlan, plan_transfers
+from elastic_ep.report import RebalanceReport
+
+if TYPE_CHECKING:  # the controller imports this module
+    from actors.controller import Controller
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+@dataclass
+class Attempt:
+    """What one attempt of a reconfiguration has learnt so far (filled in step by step)."""
+
+    request: Request
+    rep: RebalanceReport
+    load_override: Optional[np.ndarray] = None
+    step: Step = Step.DETECT
+    restarted: set = field(default_factory=set)  # members Ray restarted empty
+    decision: Optional[Decision] = None
+    members: dict = field(default_factory=dict)  # rank -> worker id after the change
+    holders: dict = field(default_factory=dict)  # rank -> worker id of ranks whose weights are intact
+    old: Optional[ExpertLayout] = None
+    new: Optional[ExpertLayout] = None
+    load: Optional[np.ndarray] = None
+    plan: Optional[TransferPlan] = None
+    fetch_keys: list = field(default_factory=list)
+    backup_refs: dict = field(default_factory=dict)
+    group: Optional[str] = None
+    group_rank: dict = field(default_factory=dict)
+    participants: dict = field(default_factory=dict)  # rank -> worker id of every participant
+    results: dict = field(default_factory=dict)  # rank -> execute() reply
+    epoch: int = 0
+
+
+class Reconfiguration:
+    """Drives one attempt through the Steps; ``advance`` runs the current step (the unit tests call it one at a time).
+
+    Entering a step first fires a controller fault armed for it (FaultInjector), then the
+    step's method runs and returns the next step; its time goes to the report's phases.
+    """
+
+    def __init__(self, ctl: "Controller", request: Request, attempt: int, load_override=None):
+        self.ctl = ctl
+        self.att = Attempt(request=request, load_override=load_override,
+                           rep=RebalanceReport(reason=request.kind, epoch_from=ctl.epoch, attempt=attempt))
+
+    @property
+    def done(self) -> bool:
+        return self.att.step is Step.DONE
+
+    def advance(self) -> Step:
+        step = self.att.step
+        self.ctl.faults.hit(step.value)
+        t0 = _now()
+        self.att.step = getattr(self, step.value)(self.att)
+        self.att.rep.phases[step.value] = self.att.rep.phases.get(step.value, 0.0) + _now() - t0
+        return self.att.step
+
+    def run(self) -> RebalanceReport:
+        while not self.done:
+            self.advance()
+        return self.att.rep
+
+    # -- the steps -------------------------------------------------------------------------
+
+    def detect(self, att: Attempt) -> Step:
+        ctl = self.ctl
+        restartable = ctl.cfg.max_restarts != 0
+        wids = [w for w in list(ctl.workers.members.values()) + ctl.workers.spares
+                if restartable or not ctl.workers.is_dead(w)]
+        att.restarted = ctl.workers.probe(wids, ctl.cfg.call_timeout_s,
+                                          ctl.cfg.startup_timeout_s if restartable else 0.0)
+        return Step.DECIDE
+
+    def decide(self, att: Attempt) -> Step:
+        ctl, rep = self.ctl, att.rep
+        att.old = ctl.layout
+        att.decision = d = decide(ctl.view(att.restarted, att.request), att.request)
+        att.members = dict(d.members)
+        for rank, wid in d.members.items():
+            if wid in att.restarted:
+                rep.replaced[rank] = f"{wid} (restarted)"
+        rep.replaced.update(d.replaced)
+        for start in d.starts:  # cold workers: spares until the commit (a failed attempt leaks none)
+            wid = ctl.start_worker(start.node)
+            att.members[start.rank] = wid
+            if start.rank in ctl.workers.members:
+                rep.replaced[start.rank] = f"{wid} (cold)"
+        rep.dropped, rep.added = list(d.dropped), list(d.added)
+        # Ranks whose weights are intact can send, including ranks being retired by a shrink.
+        att.holders = {r: w for r, w in ctl.workers.members.items()
+                       if r in att.old.ranks and not ctl.workers.is_dead(w) and r not in d.fresh}
+        return Step.PLAN
+
+    def plan(self, att: Attempt) -> Step:
+        ctl, cfg, d = self.ctl, self.ctl.cfg, att.decision
+        load = att.load_override if att.load_override is not None else ctl.window.total()
+        if load is None or load.sum() <= 0:
+            load = np.ones((att.old.num_layers, att.old.num_experts))  # no statistics yet: balance replica counts
+        att.load = load
+        survivors = sorted(att.holders)
+        att.new = layout_for(d, att.old, load, cfg.slots_per_rank, survivors, num_groups=cfg.model.num_groups,
+                             policy=cfg.policy)
+        att.plan = plan = plan_transfers(att.old, att.new, survivors, expert_bytes=cfg.model.expert_bytes,
+                                         fresh_ranks=set(d.fresh), stripe_fetches=ctl.striping)
+        att.rep.plan = plan.summary()
+        if plan.is_noop and not d.changes_membership and att.members == ctl.workers.members:
+            att.rep.epoch_to, att.rep.noop = ctl.epoch, True
+            ctl.refresh_balance(att.rep, att.old, att.new, load)
+            dead_spares = any(ctl.workers.is_dead(w) for w in ctl.workers.spares)
+            return Step.REPLENISH if d.spare_starts or dead_spares else Step.DONE
+        # Storage: which fetched experts still exist somewhere?
+        att.fetch_keys = sorted({(int(l), int(e)) for l, e in np.concatenate([plan.fetches[:, :2], plan.relays[:, :2]])})
+        att.backup_refs = ctl.backup_refs(att.fetch_keys) if att.fetch_keys else {}
+        if att.fetch_keys and cfg.checkpoint is None:
+            lost = [k for k in att.fetch_keys if k not in att.backup_refs]
+            if lost:
+                ctl.set_lost(lost)
+                raise ExpertsLostError(
+                    f"{len(lost)} experts have no copy left (no live replica, backup or checkpoint), "
+                    f"e.g. (layer, expert) {lost[:5]}; the cluster keeps serving the previous layout", lost)
+        return Step.COMMUNICATORS
+
+    def communicators(self, att: Attempt) -> Step:
+        comms, plan = self.ctl.comms, att.plan
+        att.participants = {r: att.members.get(r, att.holders.get(r)) for r in plan.participants}
+        movers = {int(r) for t in (plan.transfers, plan.relays) for r in t[:, 2].tolist() + t[:, 4].tolist()}
+        need = {att.participants[r] for r in movers}
+        group = comms.group_for(need) if need and not att.restarted and comms.ok else None
+        if need and group is None:
+            comms.form()
+            group = comms.group_for(need)
+            if group is None:  # e.g. a grown rank on a GPU a spare uses: a group of just these
+                comms.form(exactly=sorted(need))
+                group = comms.group_for(need)
+        index = {w: i for i, w in enumerate(comms.groups.get(group, []))}
+        att.group, att.group_rank = group, {r: index[att.participants[r]] for r in movers}
+        return Step.TRANSFER
+
+    def transfer(self, att: Attempt) -> Step:
+        ctl, cfg, rep = self.ctl, self.ctl.cfg, att.rep
+        att.epoch = ctl.epoch + 1
+        calls = {}
+        for r, wid in att.participants.items():
+            part = att.plan.for_rank(r)
+            keys = {(int(l), int(e)) for l, e in np.concatenate([part.fetches[:, :2], part.relay_sends[:, :2]])}
+            calls[r] = (wid, "execute", (att.epoch, part, att.group, att.group_rank, cfg.transfer_timeout_s,
+                                         {k: att.backup_refs[k] for k in keys if k in att.backup_refs}))
+        typed: list = []
+        results = ctl.workers.call_all(calls, cfg.transfer_timeout_s + cfg.call_timeout_s, "execute", typed=typed)
+        if typed:  # e.g. the checkpoint cannot give what no replica or backup holds: retrying cannot help
+            lost = sorted({tuple(k) for _, exc in typed if isinstance(exc, ExpertsLostError) for k in exc.lost})
+            if lost:
+                ctl.set_lost(lost)
+                raise ExpertsLostError(
+                    f"{len(lost)} experts have no live replica or backup and cannot be read from the checkpoint, "
+                    f"e.g. (layer, expert) {lost[:5]}; the previous layout stays in force. "
+                    + "; ".join(f"rank {k}: {exc}" for k, exc in typed)[:2000], lost)
+            raise typed[0][1]
+        att.results = results
+        rep.worker_timings = {r: res["timings_s"] for r, res in results.items()}
+        # point-to-point bytes of experts that survivors held (relayed reads count as storage)
+        rep.bytes_p2p = int(sum(res["bytes_received"] for res in results.values())) - rep.plan["bytes_relayed"]
+        rep.bytes_from_backup = int(sum(res["bytes_from_backup"] for res in results.values()))
+        rep.bytes_from_checkpoint = int(sum(res["bytes_from_checkpoint"] for res in results.values()))
+        return Step.VERIFY
+
+    def verify(self, att: Attempt) -> Step:
+        ctl = self.ctl
+        bad = []
+        for r, res in att.results.items():
+            for layer, slot, expert, fp in res["staged"]:
+                if att.new.experts_of(r)[layer, slot] != expert or ctl.ref_fp[layer, expert] != fp:
+                    bad.append((r, layer, slot, expert))
+        if bad:
+            # A fetched copy that fails verification came from storage: trying again reads the same bytes.
+            read = set(att.fetch_keys)
+            from_storage = sorted({(layer, expert) for r, layer, slot, expert in bad
+                                   if (layer, expert) in read and (layer, expert) not in att.backup_refs})
+            if from_storage:
+                ctl.set_lost(from_storage)
+                raise ExpertsLostError(
+                    f"the checkpoint's copies of {len(from_storage)} experts do not match their reference "
+                    f"fingerprints (corrupted?), e.g. (layer, expert) {from_storage[:5]}, and no live replica or "
+                    "backup holds them; the previous layout stays in force", from_storage)
+            raise TransferError(f"{len(bad)} staged slots failed verification, e.g. (rank, layer, slot, expert) {bad[:5]}")
+        att.rep.slots_verified = int(sum(len(res["staged"]) for res in att.results.values()))
+        return Step.PERSIST
+
+    def persist(self, att: Attempt) -> Step:
+        """The decision: from here on a restarted controller rolls forward."""
+        d = att.decision
+        pending = {"epoch": att.epoch, "retired": list(d.retired), "keep_spares": list(d.keep_as_spares)}
+        self.ctl.install(att.new, att.epoch, att.members, list(d.spares), pending)
+        return Step.COMMIT
+
+    def commit(self, att: Attempt) -> Step:
+        ctl, cfg, rep, d = self.ctl, self.ctl.cfg, att.rep, att.decision
+        w = ctl.workers
+        calls = {r: (wid, "commit", (att.epoch, r)) for r, wid in att.members.items() if not w.is_dead(wid)}
+        done = w.call_all(calls, cfg.call_timeout_s, "commit", tolerate_dead=True)
+        retired_ok = w.call_all({x: (x, "retire", ()) for x in d.retired}, cfg.call_timeout_s, "retire",
+                                tolerate_dead=True)
+        ctl.settle_retired([x for x in d.retired if x in retired_ok], list(d.keep_as_spares))
+        rep.released = [x for x in d.retired if x not in d.keep_as_spares]
+        rep.committed_at = time.time()
+        if d.drain is not None:
+            rep.safe_to_terminate_at = rep.committed_at  # the drained worker serves nothing and was let go
+        if w.first_death is not None and rep.reason == "recover":
+            rep.since_death_s = rep.committed_at - w.first_death  # noticed -> committed
+        rep.epoch_to = att.epoch
+        ctl.save()
+        if set(done) != set(calls):
+            rep.notes.append(f"ranks {sorted(set(calls) - set(done))} died during commit; next recovery heals them")
+        ctl.refresh_balance(rep, att.old, att.new, att.load)
+        return Step.REPLENISH
+
+    def replenish(self, att: Attempt) -> Step:
+        from ray.exceptions import GetTimeoutError, RayError
+
+        try:
+            self.ctl.after_commit(att.rep, att.decision)
+        except (ElasticEPError, RayError, GetTimeoutError) as exc:  # committed already: never retry the attempt
+            att.rep.notes.append(f"after commit: {type(exc).__name__}: {exc}")
+        return Step.DONE
+
+
+def request_for(reason: str, add: int = 0, remove: Optional[list[int]] = None) -> Request:
+    kind = reason if reason in REQUESTS else "recover"
+    return Request(kind, add=add if kind == "grow" else 0, ranks=tuple(remove or ()))
+
