@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .checkpoint.formats import DTYPES, FLOAT_DTYPES
 from .errors import ConfigError
 
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _QUANTS = ("none", "fp8", "mxfp4", "int4")
 
 
@@ -45,8 +45,8 @@ class ModelSpec:
                 raise ConfigError(f"ModelSpec.{name} must be a positive int, got {value!r}")
         if self.first_layer < 0:
             raise ConfigError(f"ModelSpec.first_layer must be >= 0, got {self.first_layer}")
-        if self.dtype not in _DTYPE_BYTES:
-            raise ConfigError(f"ModelSpec.dtype must be one of {sorted(_DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise ConfigError(f"ModelSpec.dtype must be one of {sorted(FLOAT_DTYPES)}, got {self.dtype!r}")
         if self.num_experts % self.num_groups:
             raise ConfigError(
                 f"ModelSpec.num_groups={self.num_groups} must divide num_experts={self.num_experts}"
@@ -80,7 +80,7 @@ class ModelSpec:
 
     @property
     def dtype_bytes(self) -> int:
-        return _DTYPE_BYTES[self.dtype]
+        return DTYPES[self.dtype][0]
 
     @property
     def w13_shape(self) -> tuple[int, int]:

@@ -7,8 +7,9 @@ import warnings
 import numpy as np
 import torch
 
+from ..checkpoint.bundle import TORCH_DTYPES
+
 _BITS = {2: torch.int16, 4: torch.int32}
-_FLOAT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def to_bits(t: torch.Tensor) -> np.ndarray:
@@ -20,4 +21,4 @@ def from_bits(a: np.ndarray, dtype: str) -> torch.Tensor:
     """Inverse of ``to_bits``, zero-copy (memory from the object store stays read-only: copy before writing)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # non-writable buffers from the object store are fine to read
-        return torch.from_numpy(a).view(_FLOAT[dtype])
+        return torch.from_numpy(a).view(TORCH_DTYPES[dtype])
