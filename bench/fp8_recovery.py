@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from elastic_ep.checkpoint import read_spec, write_checkpoint  # noqa: E402
 from elastic_ep.cluster import ElasticEPCluster  # noqa: E402
+from elastic_ep.cluster import worker_runtime_env  # noqa: E402
 from elastic_ep.config import ClusterConfig, ModelSpec  # noqa: E402
 
 GB = 1e9
@@ -85,7 +86,7 @@ def run(args) -> dict:
               "expert_MB": spec.expert_bytes / 1e6, "expert_tensors": {t.name: [t.dtype, list(t.shape)] for t in fmt.tensors},
               "rank_GB": rank_bytes / GB, "ceiling_h2d_GBps": ceiling_GBps(min(rank_bytes, 1 << 30), args.device)}
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="eep-fp8-bench",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+             runtime_env=worker_runtime_env())
     try:
         cfg = ClusterConfig(checkpoint=str(folder), num_ranks=1, slots_per_rank=slots, num_spares=1,
                             device=args.device, gpu_fractions=(0.5, 0.5) if args.device == "cuda" else None,

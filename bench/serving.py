@@ -39,8 +39,10 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from elastic_ep.cluster import worker_runtime_env  # noqa: E402
 from elastic_ep.config import ClusterConfig, ModelSpec  # noqa: E402
 from elastic_ep.serving.compute import combine_rank  # noqa: E402
+from elastic_ep.serving.weights import layer_weights  # noqa: E402
 from elastic_ep.serving.dispatch import plan_dispatch  # noqa: E402
 from elastic_ep.storage import CheckpointReader, write_synthetic_checkpoint  # noqa: E402
 from elastic_ep.workload import SkewedRouter  # noqa: E402
@@ -184,8 +186,9 @@ def main(argv=None) -> int:
     results: dict[str, dict[int, list[float]]] = {}
 
     if "local" in arms:
-        w13, w2 = CheckpointReader(ckpt, spec).read_layer_slots(0, list(range(spec.num_experts)), device=str(device))
-        weights = {"w13": w13, "w2": w2}
+        reader = CheckpointReader(ckpt, spec)
+        rows = reader.read_layer_slots(0, list(range(spec.num_experts)), device=str(device))
+        weights = layer_weights(rows, reader.format, spec.dtype)
 
         def local(hidden, ids, w):
             x = hidden.to(device)
@@ -194,13 +197,13 @@ def main(argv=None) -> int:
                                 torch.from_numpy(w.ravel()).to(device)).to(torch.bfloat16).cpu()
 
         results["local"] = {n: _time(local, b) for n, b in batches.items()}
-        del weights, w13, w2
+        del weights, rows
 
     from elastic_ep.cluster import ElasticEPCluster
 
     spr = -(-spec.num_experts // args.ranks)
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+             runtime_env=worker_runtime_env())
     try:
         if "ray" in arms:
             cfg = ClusterConfig(model=spec, checkpoint=ckpt, num_ranks=args.ranks, slots_per_rank=spr, num_spares=0,

@@ -26,8 +26,9 @@ def _repo_root() -> str:
     return str(Path(__file__).resolve().parents[1])
 
 
-def _runtime_env() -> dict:
-    """Workers import elastic_ep and actors from this repository (NCCL switches pass through)."""
+def worker_runtime_env() -> dict:
+    """Ray runtime_env so workers import elastic_ep and actors from this repository, keeping the
+    caller's PYTHONPATH (GPU hosts install Ray there) and the NCCL switches."""
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [_repo_root(), os.environ.get("PYTHONPATH")]))}
     for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
         if key in os.environ:
@@ -77,7 +78,7 @@ class ElasticEPCluster:
         if self._controller is not None:
             return self.last_start or {}
         if not ray.is_initialized():
-            kwargs = dict(runtime_env=_runtime_env(), log_to_driver=False, namespace=NAMESPACE)
+            kwargs = dict(runtime_env=worker_runtime_env(), log_to_driver=False, namespace=NAMESPACE)
             if self.config.address is None:
                 kwargs["address"] = "local"  # never join a stray cluster through RAY_ADDRESS
                 kwargs.update(include_dashboard=False, configure_logging=False)
