@@ -15,6 +15,7 @@ from elastic_ep.errors import ConfigError
 from elastic_ep.serving.compute import activate, combine_rank, expert_ffn
 from elastic_ep.serving.oracle import CheckpointOracle, output_tolerance, reference_moe
 from elastic_ep.serving.weights import dequant_int4, dequant_mxfp4, held_interleaved, layer_weights
+from tests.hf_tiny import write_tiny_gpt_oss
 
 transformers = pytest.importorskip("transformers")
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # noqa: E402
@@ -148,24 +149,10 @@ def test_biased_swigluoai_ffn_matches_the_fp32_reference(method, dtype):
     assert float((no_bias - ref).abs().max()) > 10 * output_tolerance(ref, dtype)  # the biases matter
 
 
-def _tiny_gpt_oss(folder):
-    torch.manual_seed(0)
-    cfg = transformers.GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
-                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                                    vocab_size=64, layer_types=["full_attention"] * 2)
-    model = transformers.GptOssForCausalLM(cfg)
-    with torch.no_grad():  # init std 0.02 gives outputs near bf16's floor; widen the experts' spread
-        for name, p in model.named_parameters():
-            if ".experts." in name:
-                p.normal_(0.0, 0.3)
-    model.to(torch.bfloat16).save_pretrained(str(folder))
-    return folder
-
-
 def test_tiny_gpt_oss_served_from_its_bundles_matches_its_own_expert_block(tmp_path):
     """bf16 gpt-oss saved by transformers: read_spec selects swigluoai; rows read by the project's reader, in
     shuffled slots, through combine_rank, against the model's own GptOssExperts in fp32 on the same weights."""
-    folder = _tiny_gpt_oss(tmp_path / "oss")
+    folder = write_tiny_gpt_oss(tmp_path / "oss")
     spec, preset = read_spec(folder)
     assert (spec.activation, spec.bias, preset) == ("swigluoai", True, "gpt-oss")
     model32 = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
