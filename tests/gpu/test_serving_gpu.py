@@ -10,6 +10,18 @@ from elastic_ep.serving.oracle import output_tolerance, reference_moe
 pytestmark = pytest.mark.gpu
 
 
+def _serve(w, x, num_experts, top_k, method, activation="silu"):
+    """Random router decisions for ``x`` [T, H] (CPU), served through combine_rank on w's device:
+    (ids [T, k], weights [T, k], output [T, H] rounded to bf16, on the CPU as fp32)."""
+    dev = w["w13"].device
+    ids = np.stack([np.random.default_rng(t).choice(num_experts, top_k, replace=False) for t in range(len(x))])
+    weights = np.random.default_rng(1).random(ids.shape).astype(np.float32)
+    rows = torch.arange(len(x), device=dev).repeat_interleave(top_k)
+    out = combine_rank(w, x.to(dev), rows, torch.from_numpy(ids.ravel()).to(dev),
+                       torch.from_numpy(weights.ravel()).to(dev), method, activation)
+    return ids, weights, out.to(torch.bfloat16).float().cpu()
+
+
 @pytest.mark.parametrize("method", ["grouped", "loop"])
 def test_cuda_expert_compute_matches_the_oracle(method):
     dev = torch.device("cuda", 0)
@@ -19,14 +31,10 @@ def test_cuda_expert_compute_matches_the_oracle(method):
     if method == "grouped" and not grouped_supported(w):
         pytest.skip("torch grouped_mm not offered on this GPU")
     x = torch.randn(256, 2048, generator=g).to(torch.bfloat16)
-    ids = np.stack([np.random.default_rng(t).choice(16, 6, replace=False) for t in range(256)])
-    weights = np.random.default_rng(1).random((256, 6)).astype(np.float32)
-    rows = torch.arange(256, device=dev).repeat_interleave(6)
-    out = combine_rank(w, x.to(dev), rows, torch.from_numpy(ids.ravel()).to(dev),
-                       torch.from_numpy(weights.ravel()).to(dev), method).to(torch.bfloat16).float().cpu()
+    ids, weights, out = _serve(w, x, 16, 6, method)
     ref = reference_moe(w["w13"].cpu(), w["w2"].cpu(), x, ids, weights)
     assert float((out - ref).abs().max()) <= output_tolerance(ref, torch.bfloat16)
-    assert expert_ffn(w, x[:0].to(dev), rows[:0], method).shape == (0, 2048)
+    assert expert_ffn(w, x[:0].to(dev), torch.zeros(0, dtype=torch.int64, device=dev), method).shape == (0, 2048)
 
 
 @pytest.mark.parametrize("method", ["grouped", "loop"])
@@ -56,10 +64,6 @@ def test_cuda_gpt_oss_experts_from_mxfp4_rows_match_the_cpu_oracle(method):
     if method == "grouped" and not grouped_supported(w):
         pytest.skip("torch grouped_mm not offered on this GPU")
     x = torch.randn(256, 2880, generator=g).to(torch.bfloat16)
-    ids = np.stack([np.random.default_rng(t).choice(8, 4, replace=False) for t in range(256)])
-    weights = np.random.default_rng(1).random((256, 4)).astype(np.float32)
-    rows_t = torch.arange(256, device=dev).repeat_interleave(4)
-    out = combine_rank(w, x.to(dev), rows_t, torch.from_numpy(ids.ravel()).to(dev),
-                       torch.from_numpy(weights.ravel()).to(dev), method, "swigluoai").to(torch.bfloat16).float().cpu()
+    ids, weights, out = _serve(w, x, 8, 4, method, "swigluoai")
     ref = reference_moe(cpu["w13"], cpu["w2"], x, ids, weights, cpu["w13_bias"], cpu["w2_bias"], "swigluoai")
     assert float((out - ref).abs().max()) <= output_tolerance(ref, torch.bfloat16)
