@@ -448,6 +448,8 @@ class ExpertWorker:
         from elastic_ep.checkpoint import resolve_layout
         from elastic_ep.serving.weights import held_interleaved
 
+        if self.spec.quant == "none":  # unquantized rows are de-interleaved on read: no reader needed
+            return False
         layout = self._checkpoint_reader().preset if self.checkpoint is not None else resolve_layout(self.preset)
         return held_interleaved(self.spec.quant, layout)
 
