@@ -15,7 +15,7 @@ from elastic_ep.errors import ConfigError
 from elastic_ep.serving.compute import activate, combine_rank, expert_ffn
 from elastic_ep.serving.oracle import CheckpointOracle, output_tolerance, reference_moe
 from elastic_ep.serving.weights import dequant_int4, dequant_mxfp4, held_interleaved, layer_weights
-from tests.hf_tiny import write_tiny_gpt_oss
+from tests.hf_tiny import block_experts, block_route, load_moe_blocks, write_tiny_gpt_oss
 
 transformers = pytest.importorskip("transformers")
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # noqa: E402
@@ -149,27 +149,28 @@ def test_biased_swigluoai_ffn_matches_the_fp32_reference(method, dtype):
     assert float((no_bias - ref).abs().max()) > 10 * output_tolerance(ref, dtype)  # the biases matter
 
 
-def test_tiny_gpt_oss_served_from_its_bundles_matches_its_own_expert_block(tmp_path):
-    """bf16 gpt-oss saved by transformers: read_spec selects swigluoai; rows read by the project's reader, in
-    shuffled slots, through combine_rank, against the model's own GptOssExperts in fp32 on the same weights."""
-    folder = write_tiny_gpt_oss(tmp_path / "oss")
+@pytest.mark.parametrize("mxfp4", [False, True])
+def test_tiny_gpt_oss_served_from_its_bundles_matches_its_own_expert_block(tmp_path, mxfp4):
+    """gpt-oss saved by transformers (bf16, or its experts re-saved as MXFP4 in the released layout): read_spec
+    selects swigluoai; rows read by the project's reader, in shuffled slots, through combine_rank, against the
+    model's own GptOssExperts in fp32 on the same weights (MXFP4: as transformers itself dequantizes the file)."""
+    folder = write_tiny_gpt_oss(tmp_path / "oss", mxfp4=mxfp4)
     spec, preset = read_spec(folder)
-    assert (spec.activation, spec.bias, preset) == ("swigluoai", True, "gpt-oss")
-    model32 = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    assert (spec.activation, spec.bias, spec.quant, preset) == ("swigluoai", True, "mxfp4" if mxfp4 else "none",
+                                                                "gpt-oss")
     reader = CheckpointReader(folder, spec, preset)
     oracle = CheckpointOracle(str(folder), spec, preset)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(7))  # slot s holds expert perm[s]
-    for layer in range(spec.num_layers):
-        block = model32.model.layers[layer].mlp
+    for layer, block in enumerate(load_moe_blocks(folder, torch.float32)):
         x = torch.randn(40, 64, generator=torch.Generator().manual_seed(layer)).to(torch.bfloat16)
-        with torch.no_grad():
-            _, scores, ids = block.router(x.float())
-            exact = block.experts(x.float(), ids, scores)
+        ids, scores = block_route(block, x)
+        exact = block_experts(block, x, ids, scores)
         w = layer_weights(reader.read_layer_slots(layer, perm.tolist()), reader.format, spec.dtype,
                           held_interleaved(spec.quant, reader.preset))
-        rows = torch.arange(40).repeat_interleave(2)
+        rows, slots = torch.arange(40).repeat_interleave(2), torch.argsort(perm)[torch.as_tensor(ids).ravel()]
         for method in ("grouped", "loop"):
-            ours = combine_rank(w, x, rows, torch.argsort(perm)[ids.ravel()], scores.ravel(), method, spec.activation)
+            ours = combine_rank(w, x, rows, slots, torch.as_tensor(scores).ravel(), method, spec.activation)
             assert float((ours - exact).abs().max()) <= output_tolerance(exact, torch.bfloat16), method
-        assert float((oracle(layer, x, ids.numpy(), scores.numpy()) - exact).abs().max()) <= 1e-4 * float(exact.abs().max())
+        # the oracle: fp32 math on the same weights, so only the summation order differs
+        assert float((oracle(layer, x, ids, scores) - exact).abs().max()) <= 1e-4 * float(exact.abs().max())
         assert float(exact.abs().max()) > 0.5  # outputs are not vanishing: the check has teeth
