@@ -435,12 +435,23 @@ class ExpertWorker:
                 raise StaleEpochError(
                     f"worker {self.worker_id} holds rank {self.rank} at epoch {self.epoch}; the call was planned "
                     f"for rank {rank} at epoch {epoch}", self.epoch, int(epoch))
-            weights = layer_weights(self.weights.rows[layer], self.weights.format, self.spec.dtype)
-            out = combine_rank(weights, x, rows_t, slots_t, w_t, self.serve_method)
+            weights = layer_weights(self.weights.rows[layer], self.weights.format, self.spec.dtype,
+                                    self._w13_interleaved())
+            out = combine_rank(weights, x, rows_t, slots_t, w_t, self.serve_method, self.spec.activation)
             self._slot_tokens[layer] += np.bincount(slots_np, minlength=self.spr)
             if self.device.type == "cuda":
                 out = out.cpu()
         return out.numpy()
+
+    def _w13_interleaved(self) -> bool:
+        """Whether the held w13 rows alternate gate/up (a quantized gpt-oss checkpoint as read)."""
+        from elastic_ep.checkpoint import resolve_layout
+        from elastic_ep.serving.weights import held_interleaved
+
+        if self.spec.quant == "none":  # unquantized rows are de-interleaved on read: no reader needed
+            return False
+        layout = self._checkpoint_reader().preset if self.checkpoint is not None else resolve_layout(self.preset)
+        return held_interleaved(self.spec.quant, layout)
 
     def set_serve_method(self, method: str) -> None:
         """Choose the expert GEMM path: grouped, loop or auto (benchmarks compare them)."""

@@ -9,6 +9,7 @@ from .checkpoint.formats import DTYPES, FLOAT_DTYPES
 from .errors import ConfigError
 
 _QUANTS = ("none", "fp8", "mxfp4", "int4")
+ACTIVATIONS = ("silu", "swigluoai")  # see ModelSpec.activation
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class ModelSpec:
     group_size: int = 32  # int4 columns per scale
     bias: bool = False  # experts carry biases (gpt-oss)
     shared_experts: int = 0  # shared experts per MoE layer: left to the serving engine, not managed
+    # Expert activation: "silu" (silu(gate) * up: Mixtral, Qwen, DeepSeek, ...) or "swigluoai" (gpt-oss's
+    # clamped SwiGLU: alpha 1.702, limit 7, (up + 1) * glu, with biases). None: "swigluoai" where
+    # experts carry biases (gpt-oss, the one such family), else "silu".
+    activation: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_experts", "hidden", "intermediate", "num_groups"):
@@ -62,6 +67,10 @@ class ModelSpec:
         if self.quant not in _QUANTS:
             raise ConfigError(f"ModelSpec.quant must be one of {list(_QUANTS)}, got {self.quant!r}")
         object.__setattr__(self, "block", tuple(self.block))
+        if self.activation is None:
+            object.__setattr__(self, "activation", "swigluoai" if self.bias else "silu")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"ModelSpec.activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
         self.expert_format  # block sizes that do not divide the weights fail here, naming them
 
     @property

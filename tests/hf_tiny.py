@@ -1,4 +1,5 @@
-"""Tiny real MoE models written by transformers (Mixtral, Qwen3-MoE, DeepSeek-V3) and their own expert blocks."""
+"""Tiny real MoE models written by transformers (Mixtral, Qwen3-MoE, DeepSeek-V3, gpt-oss) and their own expert
+blocks; a gpt-oss one re-saved with MXFP4 experts in the released layout."""
 
 from __future__ import annotations
 
@@ -44,11 +45,61 @@ def write_tiny_model(family: str, folder, seed: int = 0) -> Path:
     return Path(folder)
 
 
+def write_tiny_gpt_oss(folder, mxfp4: bool = False, seed: int = 0) -> Path:
+    """A tiny gpt-oss (hidden 64, 8 experts of intermediate 32, biases) saved by transformers in bfloat16; with
+    ``mxfp4`` its experts re-saved as the released checkpoints hold them (``*_blocks [E, rows, cols/32, 16]``,
+    ``*_scales [E, rows, cols/32]`` E8M0, ``quantization_config.quant_method = mxfp4``), biases kept."""
+    import json
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(seed)
+    cfg = transformers.GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                    vocab_size=64, layer_types=["full_attention"] * 2)
+    model = transformers.GptOssForCausalLM(cfg)
+    with torch.no_grad():  # init std 0.02 gives outputs near bf16's floor; widen the experts' spread
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.normal_(0.0, 0.3)
+    model.to(torch.bfloat16).save_pretrained(str(folder))
+    folder = Path(folder)
+    if mxfp4:
+        shard = folder / "model.safetensors"
+        tensors = load_file(str(shard))
+        for name in [n for n in tensors if n.endswith((".gate_up_proj", ".down_proj"))]:
+            blocks, scales = quantize_mxfp4(tensors.pop(name).transpose(1, 2))  # stored [E, cols, rows]
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "mxfp4"}
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, rows, cols] -> (blocks [E, rows, cols/32, 16] uint8, scales [E, rows, cols/32] uint8): OCP MXFP4,
+    scale 2^(floor(log2 amax) - 2) per 32 values (6 = 1.5 * 2^2 is E2M1's largest), nearest code, low nibble first."""
+    g = w.float().unflatten(-1, (-1, 32))
+    exp = torch.floor(torch.log2(g.abs().amax(-1).clamp_min(2.0 ** -126))) - 2
+    codes = (g / torch.exp2(exp).unsqueeze(-1)).unsqueeze(-1).sub(torch.tensor(_E2M1)).abs().argmin(-1)
+    codes = codes.to(torch.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), (exp + 127).to(torch.uint8).contiguous()
+
+
 def load_moe_blocks(folder, dtype: torch.dtype) -> list:
-    """The model's own sparse-MoE blocks, one per MoE layer in order (``.gate`` routes, ``.experts`` computes)."""
+    """The model's own sparse-MoE blocks, one per MoE layer in order (``.gate`` or ``.router`` routes, ``.experts``
+    computes). An MXFP4 gpt-oss folder is loaded as transformers does without its kernels: dequantized to ``dtype``."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    kw = {}
+    if "quantization_config" in transformers.AutoConfig.from_pretrained(str(folder)).to_dict():
+        kw["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kw)
     return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
 
 
@@ -66,7 +117,8 @@ def block_experts(block, hidden: torch.Tensor, topk_ids, topk_weights) -> torch.
 def block_route(block, hidden: torch.Tensor):
     """The block's own router decisions for ``hidden``: (topk_ids [T, k] int64, topk_weights [T, k] fp32)."""
     with torch.no_grad():
-        _, weights, ids = block.gate(hidden.to(block.experts.down_proj.dtype))
+        router = block.gate if hasattr(block, "gate") else block.router  # gpt-oss: router
+        _, weights, ids = router(hidden.to(block.experts.down_proj.dtype))
     return ids.to(torch.int64).numpy(), weights.float().numpy()
 
 

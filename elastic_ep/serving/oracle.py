@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import CheckpointReader
 from ..config import ModelSpec
-from .weights import layer_weights
+from .compute import activate
+from .weights import held_interleaved, layer_weights
 
 
-def reference_moe(w13: torch.Tensor, w2: torch.Tensor, hidden: torch.Tensor, topk_ids, topk_weights) -> torch.Tensor:
+def reference_moe(w13: torch.Tensor, w2: torch.Tensor, hidden: torch.Tensor, topk_ids, topk_weights,
+                  w13_bias: Optional[torch.Tensor] = None, w2_bias: Optional[torch.Tensor] = None,
+                  activation: str = "silu") -> torch.Tensor:
     """sum_k w[t, k] * expert_{ids[t, k]}(hidden[t]) in fp32, from unrounded fp32 math: [T, H] fp32.
 
-    w13: [E, 2I, H] and w2: [E, H, I] of every logical expert of one layer (any dtype).
+    w13: [E, 2I, H] and w2: [E, H, I] of every logical expert of one layer (any dtype), gate
+    rows then up rows; biases w13_bias: [E, 2I], w2_bias: [E, H] where the model has them.
     """
     ids = torch.as_tensor(np.asarray(topk_ids), dtype=torch.int64)
     weights = torch.as_tensor(np.asarray(topk_weights), dtype=torch.float32)
@@ -22,8 +27,8 @@ def reference_moe(w13: torch.Tensor, w2: torch.Tensor, hidden: torch.Tensor, top
     out = torch.zeros_like(x)
     for expert in torch.unique(ids).tolist():
         tok, k = torch.nonzero(ids == expert, as_tuple=True)
-        gate, up = (x[tok] @ w13[expert].float().T).chunk(2, dim=-1)
-        y = (F.silu(gate) * up) @ w2[expert].float().T
+        h = x[tok] @ w13[expert].float().T + (0.0 if w13_bias is None else w13_bias[expert].float())
+        y = activate(h, activation) @ w2[expert].float().T + (0.0 if w2_bias is None else w2_bias[expert].float())
         out.index_add_(0, tok, y * weights[tok, k, None])
     return out
 
@@ -34,18 +39,20 @@ class CheckpointOracle:
     def __init__(self, checkpoint: str, spec: ModelSpec, preset: str):
         self.spec = spec
         self._reader = CheckpointReader(checkpoint, spec, preset)
-        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layers: dict[int, dict[str, torch.Tensor]] = {}
 
-    def experts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 [E, 2I, H], w2 [E, H, I]) of every logical expert of ``layer``."""
+    def experts(self, layer: int) -> dict[str, torch.Tensor]:
+        """{"w13": [E, 2I, H], "w2": [E, H, I], biases where any} of every logical expert of ``layer``."""
         if layer not in self._layers:
             rows = self._reader.read_layer_slots(layer, list(range(self.spec.num_experts)))
-            w = layer_weights(rows, self._reader.format, self.spec.dtype)
-            self._layers[layer] = (w["w13"], w["w2"])
+            self._layers[layer] = layer_weights(rows, self._reader.format, self.spec.dtype,
+                                                held_interleaved(self.spec.quant, self._reader.preset))
         return self._layers[layer]
 
     def __call__(self, layer: int, hidden: torch.Tensor, topk_ids, topk_weights) -> torch.Tensor:
-        return reference_moe(*self.experts(layer), hidden, topk_ids, topk_weights)
+        w = self.experts(layer)
+        return reference_moe(w["w13"], w["w2"], hidden, topk_ids, topk_weights, w.get("w13_bias"),
+                             w.get("w2_bias"), self.spec.activation)
 
 
 def output_tolerance(reference: torch.Tensor, dtype: torch.dtype, factor: float = 2.0) -> float:
