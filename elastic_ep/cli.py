@@ -238,10 +238,12 @@ def cmd_cluster(args) -> int:
             rep = cluster.drain(args.rank)
         text = format_report(rep)
         if args.cmd == "drain":
-            drained = rep.get("drained", {})
-            safe = rep.get("safe_to_terminate")
-            text += (f"\n  rank {drained.get('rank', args.rank)} (worker {drained.get('worker')}) holds no slot any "
-                     f"more: {'safe to terminate its process or node' if safe else 'NOT yet safe to terminate'}")
+            when = rep.get("safe_to_terminate_at")
+            released = ", ".join(rep.get("released") or []) or "none"
+            text += (f"\n  rank {args.rank} holds no slot any more (released worker: {released}): "
+                     + (f"safe to terminate its process or node since "
+                        f"{time.strftime('%H:%M:%S', time.localtime(when))}" if when is not None
+                        else "NOT yet safe to terminate"))
         _print_result(args, rep, text)
         return 0
 
