@@ -79,11 +79,7 @@ def _step(title: str) -> float:
 
 
 def cmd_demo(args) -> int:
-    import os
-    import signal
-
     import numpy as np
-    import ray
 
     from .cluster import ElasticEPCluster
     from .serving.loop import serve_loop
@@ -202,12 +198,22 @@ def cmd_chaos(args) -> int:
 
     from .quiet import quiet_worker_deaths
 
+    from .serving_stats import ServingLog
+    from .timeline import write_recovery_timelines, write_timeline
+
+    log = ServingLog()
     with quiet_worker_deaths("the chaos run's kills"):
-        result = run_chaos(kills=args.kills, seed=args.seed, workdir=args.workdir, progress=True)
+        result = run_chaos(kills=args.kills, seed=args.seed, workdir=args.workdir, progress=True, serving_log=log)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:  # a file for machines (Ray's per-kill notices are kept off the terminal, see elastic_ep.quiet)
-        Path(args.json).write_text(text + "\n")
+        target = Path(args.json)
+        target.write_text(text + "\n")
+        if log.calls_seen:  # the serving stream's timeline beside the JSON: the whole run, then each recovery
+            png = write_timeline(log, None, target.with_suffix(".png"), title=f"chaos seed {args.seed}: serving")
+            more = write_recovery_timelines(log, None, target.with_name(target.stem + "-recoveries"))
+            print(f"timeline: {png} (+ {len(more)} per recovery in {target.with_name(target.stem + '-recoveries')})",
+                  file=sys.stderr)
     return 0 if result["ok"] else 1
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ class ServingStream:
         self._errors: list[BaseException] = []
         self.wrong = 0
         self.failed = 0
+        self.stopped = False
         self._lock = threading.Lock()
 
     def start(self) -> "ServingStream":
@@ -51,6 +51,7 @@ class ServingStream:
     def stop(self, timeout_s: float = 60.0) -> None:
         """Stop the threads (each finishes its call in flight) and raise what broke one, if anything did."""
         self._stop.set()
+        self.stopped = True
         for t in self._threads:
             t.join(timeout_s)
         alive = [t.name for t in self._threads if t.is_alive()]
