@@ -142,10 +142,10 @@ def cmd_demo(args) -> int:
         sigkill_workers(cluster, [2])
         log.mark("detect", "rank 2")
         status = cluster.wait_healthy(timeout_s=90)
-        log.mark("commit", "rank 2")
+        rec = next(h for h in reversed(status["history"]) if h["reason"] == "recover")
+        log.mark("commit", "rank 2", t_s=rec.get("committed_at"))  # the recovery's commit, not the spare refill
         time.sleep(args.steady_s)
         stream.stop()
-        rec = next(h for h in reversed(status["history"]) if h["reason"] == "recover")
         print(format_report(rec))
         summary["recover_s"] = critical_path_s(rec["phases"])
         served.wrong += stream.wrong
