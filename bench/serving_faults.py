@@ -78,8 +78,10 @@ def run_arm(cluster, oracle, reader, args, stop_the_world: bool, victim: int) ->
     sigkill_workers(cluster, [victim])
     log.mark("detect", f"rank {victim}")
     reload_s = _reload_from_checkpoint(reader, status["layout"], position) if stop_the_world else None
-    cluster.wait_healthy(timeout_s=300)
-    log.mark("commit", f"rank {victim}")
+    healthy = cluster.wait_healthy(timeout_s=300)
+    rec = next((h for h in reversed(healthy["history"]) if h["reason"] == "recover"), {})
+    log.mark("commit", f"rank {victim}", t_s=max(rec.get("committed_at") or 0.0, log.clock() if stop_the_world else 0.0)
+             or None)  # stop-the-world commits when serving resumes
     if stop_the_world:
         stream = _stream(cluster, oracle, log, args)
     time.sleep(args.steady_s)
