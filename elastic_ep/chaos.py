@@ -354,11 +354,16 @@ def _percentiles(xs: list[float]) -> dict:
 
 
 def run_chaos(kills: int, seed: int, workdir: Optional[str] = None, progress: bool = True,
-              cluster=None, settle_s: float = 90.0, ray_init_kwargs: Optional[dict] = None) -> dict:
+              cluster=None, settle_s: float = 90.0, ray_init_kwargs: Optional[dict] = None,
+              serve: bool = True, serving_log=None) -> dict:
     """Run a seeded random schedule of at least ``kills`` kills; returns the summary (``ok`` if all held).
 
     Starts its own cluster over a synthetic checkpoint in ``workdir`` (a temp dir by
     default; Ray too, unless it is already initialised), or drives ``cluster`` if given.
+    serve: a serving stream (a background thread, every call checked against the checkpoint
+    oracle) runs through every kill, recorded in ``serving_log`` (a ServingLog; a new one
+    if None); the summary's "serving" adds wrong outputs (``ok`` needs 0), failed calls,
+    the longest gap, and p50/p99 latency steady and around each kill.
     """
     from tqdm.auto import tqdm
 
@@ -377,18 +382,31 @@ def run_chaos(kills: int, seed: int, workdir: Optional[str] = None, progress: bo
         cluster.start()
     runner = ChaosRunner(cluster, np.random.default_rng(seed), settle_s=settle_s)
     steps: list[StepResult] = []
+    stream = None
     try:
+        if serve:
+            stream, serving_log = _serving_stream(cluster, serving_log, settle_s, seed)
         with tqdm(total=kills, desc=f"chaos seed {seed}", unit="kill", disable=not progress) as bar:
             for name in schedule(seed, kills):
+                if stream is not None:
+                    serving_log.mark("kill", name)
                 res = runner.step(name)
+                if stream is not None:
+                    serving_log.mark("commit", name)
                 steps.append(res)
                 bar.update(res.kills)
                 bar.set_postfix_str(f"{name}: {'ok' if res.ok else 'FAILED'}")
                 if res.hang:
                     break  # a cluster that did not heal makes every later step meaningless
+        if stream is not None:
+            time.sleep(0.5)  # served calls after the last recovery close its window
+            stream.stop()
     finally:
+        if stream is not None and not stream.stopped:
+            stream.stop()
         if own:
             cluster.shutdown()
+    serving = _serving_summary(serving_log, stream) if stream is not None else None
     times = [s.recovery_s for s in steps if s.recovery_s is not None and s.kills]
     healed = [s.healed_s for s in steps if s.healed_s is not None and s.kills]
     by_scenario: dict[str, dict] = {}
@@ -401,7 +419,8 @@ def run_chaos(kills: int, seed: int, workdir: Optional[str] = None, progress: bo
             d["max_recovery_s"] = round(max(d["max_recovery_s"] or 0.0, s.recovery_s), 3)
     survived = sum(s.kills for s in steps if s.ok)
     return {
-        "ok": all(s.ok for s in steps) and sum(s.kills for s in steps) >= kills,
+        "ok": (all(s.ok for s in steps) and sum(s.kills for s in steps) >= kills
+               and (serving is None or serving["wrong_outputs"] == 0)),
         "seed": seed,
         "kills_requested": kills,
         "kills": sum(s.kills for s in steps),
@@ -416,4 +435,35 @@ def run_chaos(kills: int, seed: int, workdir: Optional[str] = None, progress: bo
         "by_scenario": dict(sorted(by_scenario.items())),
         "failures": [{"scenario": s.scenario, "errors": s.errors} for s in steps if not s.ok],
         "elapsed_s": round(time.monotonic() - t_all, 1),
+        "serving": serving,
+    }
+
+
+def _serving_stream(cluster, log, settle_s: float, seed: int):
+    """A background serving thread through the whole run: a client waiting up to ``settle_s`` for lost experts."""
+    from .serving.oracle import CheckpointOracle
+    from .serving.stream import ServingStream, StreamConfig
+    from .serving_stats import ServingLog
+
+    log = ServingLog() if log is None else log
+    cfg = cluster.config
+    oracle = CheckpointOracle(cfg.checkpoint, cfg.model, cfg.preset if isinstance(cfg.preset, str) else "deepseek")
+    client = cluster.client(view_max_age_s=0.2, log=log, unavailable_timeout_s=settle_s)
+    return ServingStream(client, oracle, StreamConfig(tokens=16, seed=seed)).start(), log
+
+
+def _serving_summary(log, stream) -> dict:
+    """The chaos summary's serving part: wrong outputs, failed calls, longest gap, latency steady and per kill."""
+    def r(x):
+        return None if x is None else round(float(x), 4)
+
+    s = log.summary()
+    return {
+        "calls": s.calls, "wrong_outputs": s.wrong_calls, "checked_calls": s.checked_calls,
+        "failed_calls": s.failed_calls, "failed_by_kind": dict(s.failed_by_kind), "retried_tokens": s.retried_tokens,
+        "longest_gap_s": r(s.longest_gap.length_s) if s.longest_gap is not None else None,
+        "steady_p50_s": r(s.steady_p50_s), "steady_p99_s": r(s.steady_p99_s),
+        "kills": [{"scenario": k.label, "gap_s": r(k.gap.length_s), "p50_s": r(k.latency_p50_s),
+                   "p99_s": r(k.latency_p99_s), "failed_calls": k.failed_calls, "recovered": k.recovered}
+                  for k in s.kills],
     }

@@ -79,14 +79,14 @@ def _step(title: str) -> float:
 
 
 def cmd_demo(args) -> int:
-    import os
-    import signal
-
     import numpy as np
-    import ray
 
     from .cluster import ElasticEPCluster
     from .serving.loop import serve_loop
+    from .serving.stream import ServingStream, StreamConfig, summary_line
+    from .serving_stats import ServingLog
+    from .testing import sigkill_workers
+    from .timeline import write_timeline
     from .serving.oracle import CheckpointOracle
     from .workload import SkewedRouter
     from .report import critical_path_s, format_report
@@ -124,23 +124,46 @@ def cmd_demo(args) -> int:
         print(f"   workers counted {int(load.sum())} (token, expert) pairs (client sent {served.pairs}); layer 0's "
               f"hottest experts {top.tolist()} served {load[0, top].astype(int).tolist()}")
 
-        t0 = _step("4. rebalance by the load the workers counted (sticky EPLB)")
+        log = ServingLog()
+        stream = ServingStream(cluster.client(view_max_age_s=0.2, log=log), oracle,
+                               StreamConfig(tokens=args.stream_tokens, seed=args.seed)).start()
+        print(f"   a serving stream starts in the background ({args.stream_tokens} tokens a call, every call checked)")
+        time.sleep(args.steady_s)
+        t0 = _step("4. rebalance by the load the workers counted (sticky EPLB), serving throughout")
+        log.mark("rebalance_start")
         rep = cluster.rebalance()
+        log.mark("rebalance_commit")
         print(format_report(rep))
         summary["rebalance_s"] = rep["total_s"]
-        served.add(serve_loop(client, router, args.batches // 2, args.tokens, oracle, seed=args.seed + 1))
+        time.sleep(args.steady_s)
 
-        t0 = _step("5. SIGKILL rank 2's worker while serving; a hot spare takes over, calls re-plan on the new epoch")
-        pid = ray.get(cluster.worker(2).ping.remote(), timeout=30)["pid"]
-        os.kill(pid, signal.SIGKILL)
-        print(f"   killed pid {pid}")
-        served.add(serve_loop(client, router, args.batches // 2, args.tokens, oracle, seed=args.seed + 2))
+        t0 = _step("5. SIGKILL rank 2's worker while serving; calls mask it at once, a hot spare takes over")
+        log.mark("kill", "rank 2")
+        sigkill_workers(cluster, [2])
+        log.mark("detect", "rank 2")
         status = cluster.wait_healthy(timeout_s=90)
         rec = next(h for h in reversed(status["history"]) if h["reason"] == "recover")
+        log.mark("commit", "rank 2", t_s=rec.get("committed_at"))  # the recovery's commit, not the spare refill
+        time.sleep(args.steady_s)
+        stream.stop()
         print(format_report(rec))
         summary["recover_s"] = critical_path_s(rec["phases"])
+        served.wrong += stream.wrong
+        served.checked += log.summary().checked_calls
+        served.tokens += log.summary().tokens_served
         summary["served"] = served
-        _print_served(served, None)
+        stats = log.summary()
+        png = write_timeline(log, None, work / "serving-timeline.png", title="elastic-ep demo: serving through a "
+                             "rebalance and a SIGKILL")
+        print(f"   serving stream: {summary_line(stats, stream.wrong)}")
+        for k in stats.kills:
+            print(f"   at the kill ({k.label}): longest gap {1e3 * k.gap.length_s:.0f} ms, {k.failed_calls} failed "
+                  f"calls, latency p50/p99 {_opt_ms(k.latency_p50_s)}/{_opt_ms(k.latency_p99_s)}, "
+                  f"detect {_opt_ms(k.detect_after_s)}, commit {_opt_ms(k.commit_after_s)} after the kill")
+        for r in stats.rebalances:
+            ratio = "n/a" if r.ratio_to_steady is None else f"{100 * r.ratio_to_steady:.0f}%"
+            print(f"   during the rebalance: {ratio} of steady throughput")
+        print(f"   timeline: {png}")
 
         t0 = _step("6. verify every slot against the checkpoint")
         ver = cluster.verify(against_checkpoint=True)
@@ -159,6 +182,10 @@ def cmd_demo(args) -> int:
     return 0 if served.wrong == 0 else 1
 
 
+def _opt_ms(t) -> str:
+    return "n/a" if t is None else f"{1e3 * t:.0f} ms"
+
+
 def _print_served(served, seconds) -> None:
     took = "" if seconds is None else f" in {seconds:.1f}s"
     print(f"   {served.calls} layer calls, {served.tokens} tokens served{took}; per-call latency "
@@ -171,12 +198,22 @@ def cmd_chaos(args) -> int:
 
     from .quiet import quiet_worker_deaths
 
+    from .serving_stats import ServingLog
+    from .timeline import write_recovery_timelines, write_timeline
+
+    log = ServingLog()
     with quiet_worker_deaths("the chaos run's kills"):
-        result = run_chaos(kills=args.kills, seed=args.seed, workdir=args.workdir, progress=True)
+        result = run_chaos(kills=args.kills, seed=args.seed, workdir=args.workdir, progress=True, serving_log=log)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:  # a file for machines (Ray's per-kill notices are kept off the terminal, see elastic_ep.quiet)
-        Path(args.json).write_text(text + "\n")
+        target = Path(args.json)
+        target.write_text(text + "\n")
+        if log.calls_seen:  # the serving stream's timeline beside the JSON: the whole run, then each recovery
+            png = write_timeline(log, None, target.with_suffix(".png"), title=f"chaos seed {args.seed}: serving")
+            more = write_recovery_timelines(log, None, target.with_name(target.stem + "-recoveries"))
+            print(f"timeline: {png} (+ {len(more)} per recovery in {target.with_name(target.stem + '-recoveries')})",
+                  file=sys.stderr)
     return 0 if result["ok"] else 1
 
 
@@ -289,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--batches", type=int, default=8, help="batches served before the rebalance")
     demo.add_argument("--tokens", type=int, default=256, help="tokens per batch (each through every MoE layer)")
+    demo.add_argument("--stream-tokens", type=int, default=64, help="tokens per call of the background stream")
+    demo.add_argument("--steady-s", type=float, default=1.5, help="seconds of steady serving around each event")
     demo.add_argument("--workdir", default=None, help="where to write the checkpoint and state (default: a temp dir)")
     demo.set_defaults(func=cmd_demo)
 

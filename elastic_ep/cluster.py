@@ -349,12 +349,16 @@ class ElasticEPCluster:
 
     # -- serving ---------------------------------------------------------------------------
 
-    def client(self, view_max_age_s: float = 0.5):
-        """A long-lived serving handle (``MoEClient``) for serving loops; share it between threads or make several."""
+    def client(self, view_max_age_s: float = 0.5, **options):
+        """A long-lived serving handle (``MoEClient``) for serving loops; share it between threads or make several.
+
+        options: MoEClient's (unavailable_timeout_s, degraded, log, retry_sleep_s); metrics go under this cluster's name.
+        """
         from .serving.client import MoEClient
 
+        options.setdefault("metrics_cluster", self.config.name)
         return MoEClient(lambda: self._call("committed_view"), self.config.model,
-                         call_timeout_s=self.config.call_timeout_s, view_max_age_s=view_max_age_s)
+                         call_timeout_s=self.config.call_timeout_s, view_max_age_s=view_max_age_s, **options)
 
     def moe(self, layer: int, hidden_states, topk_ids, topk_weights):
         """One MoE layer's routed-experts output for given router decisions (see ``MoEClient.moe``).
