@@ -98,15 +98,6 @@ class ControllerOps:
         """A serving engine's per-expert token counts for one interval: [num_layers, num_experts]."""
         self.window.add(check_counts(load, (self.spec.num_layers, self.spec.num_experts), "load"))
 
-    def record_slot_tokens(self, slot_counts) -> None:
-        """Distribute per-slot token counts [L, num_slots] of the current layout to the workers."""
-        counts = check_counts(slot_counts, (self.spec.num_layers, self.layout.num_slots), "slot_counts")
-        spr, members = self.cfg.slots_per_rank, self.workers.members
-        calls = {r: (members[r], "record_tokens", (counts[:, pos * spr: (pos + 1) * spr],))
-                 for pos, r in enumerate(self.layout.ranks)
-                 if r in members and not self.workers.is_dead(members[r])}
-        self.workers.call_all(calls, self.cfg.call_timeout_s, "record_tokens", tolerate_dead=True)
-
     def collect_load(self) -> Optional[np.ndarray]:
         """Pull the workers' per-slot token counts into the sliding window; returns the window total."""
         w = self.workers

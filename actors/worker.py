@@ -65,6 +65,7 @@ class ExpertWorker:
         self._expert_tokens = np.zeros((spec.num_layers, spec.num_experts), dtype=np.float64)
         self._serve_lock = threading.Lock()  # a serving call sees one epoch's weights: commit waits for it
         self.serve_method = "auto"  # expert GEMMs: grouped, loop or auto (elastic_ep.serving.compute)
+        self._interleaved: Optional[bool] = None  # w13 rows alternate gate/up (see _w13_interleaved)
         self._busy: Optional[str] = None
         self._lock = threading.Lock()
         self._prep_lock = threading.Lock()
@@ -383,13 +384,6 @@ class ExpertWorker:
         return {"rank": self.rank, "epoch": self.epoch, "experts": self.weights.experts.copy(),
                 "fingerprints": self.weights.fingerprints()}
 
-    def record_tokens(self, slot_counts: np.ndarray) -> None:
-        """Count tokens routed to this rank's slots: [num_layers, slots_per_rank]."""
-        counts = np.asarray(slot_counts, dtype=np.float64)
-        if counts.shape != self._slot_tokens.shape:
-            raise ValueError(f"slot counts must be {list(self._slot_tokens.shape)}, got {list(counts.shape)}")
-        self._slot_tokens += counts
-
     def take_load(self) -> dict:
         """Token counts per slot since the last call, with the experts they went to.
 
@@ -444,14 +438,18 @@ class ExpertWorker:
         return out.numpy()
 
     def _w13_interleaved(self) -> bool:
-        """Whether the held w13 rows alternate gate/up (a quantized gpt-oss checkpoint as read)."""
+        """Whether the held w13 rows alternate gate/up (a quantized gpt-oss checkpoint as read); found once."""
         from elastic_ep.checkpoint import resolve_layout
         from elastic_ep.serving.weights import held_interleaved
 
-        if self.spec.quant == "none":  # unquantized rows are de-interleaved on read: no reader needed
-            return False
-        layout = self._checkpoint_reader().preset if self.checkpoint is not None else resolve_layout(self.preset)
-        return held_interleaved(self.spec.quant, layout)
+        if self._interleaved is None:
+            if self.spec.quant == "none":  # unquantized rows are de-interleaved on read: no reader needed
+                self._interleaved = False
+            else:
+                layout = (self._checkpoint_reader().preset if self.checkpoint is not None
+                          else resolve_layout(self.preset))
+                self._interleaved = held_interleaved(self.spec.quant, layout)
+        return self._interleaved
 
     def set_serve_method(self, method: str) -> None:
         """Choose the expert GEMM path: grouped, loop or auto (benchmarks compare them)."""
@@ -496,5 +494,5 @@ for _name in ("serve_layer", "set_serve_method"):  # serving runs beside transfe
 for _name in ("ping", "arm_fault", "disarm_fault", "abort"):
     setattr(ExpertWorker, _name, ray.method(concurrency_group="control")(getattr(ExpertWorker, _name)))
 for _name in ("load", "export_experts", "form_group", "leave_groups", "execute", "commit", "discard",
-              "retire", "fingerprints", "record_tokens", "take_load"):
+              "retire", "fingerprints", "take_load"):
     setattr(ExpertWorker, _name, ray.method(concurrency_group="data")(getattr(ExpertWorker, _name)))
