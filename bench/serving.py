@@ -8,11 +8,15 @@ all computing the same layer from the same synthetic checkpoint:
   on one device, ``elastic_ep.serving.compute.combine_rank``): the floor for the others.
 * ray: ``cluster.client().moe(...)`` on a running ElasticEPCluster (the product path):
   one Ray call per rank per layer call, tokens as CPU numpy arrays through the object store.
-* collective: the client as rank 0 of a torch.distributed group with the expert ranks
-  (Gloo on CPU, NCCL on GPU when a spare GPU is left for the client): per call the
-  client sends each rank a header, its tokens, rows, slots and weights, and receives its
-  fp32 partial sums; the ranks run the same compute. Not wired into the cluster.
-  On one GPU the client and a rank would share the GPU, which NCCL refuses: skipped.
+* gloo: the client as rank 0 of a torch.distributed Gloo group with the expert ranks:
+  per call the client sends each rank a header, its tokens, rows, slots and weights
+  through host memory (TCP), and receives its fp32 partial sums; the ranks compute on
+  ``--device`` (copying in and out of the GPU on CUDA). Not wired into the cluster.
+* nccl: the same protocol over an NCCL group, tensors staying in GPU memory. The client
+  needs a GPU of its own beside one per rank (NCCL refuses two ranks on one GPU): skipped
+  when there are fewer than ranks + 1 GPUs.
+
+On fewer GPUs than ranks, ranks share GPUs (fractional Ray GPU requests).
 
 Ray's GPU tensor transport (``tensor_transport=...``) is not an arm: it needs the client
 to be an actor, and it kills both actors of a failed transfer (shared/RAY_NOTES.md).
@@ -75,15 +79,17 @@ def _time(fn, batches, sync=None) -> list[float]:
 class _CollectiveRank:
     """One expert rank in a torch.distributed group with the client as rank 0 (the collective arm)."""
 
-    def __init__(self, rank: int, world: int, host: str, port: int, backend: str, checkpoint: str,
+    def __init__(self, rank: int, world: int, host: str, port: int, backend: str, compute: str, checkpoint: str,
                  spec: ModelSpec, experts: list[int]):
         import torch.distributed as dist
 
-        self.device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+        self.device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")  # where tensors travel
+        self.compute = torch.device("cuda", 0) if compute == "cuda" else torch.device("cpu")
         store = dist.TCPStore(host, port, world, is_master=False)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world)
-        w13, w2 = CheckpointReader(checkpoint, spec).read_layer_slots(0, experts, device=str(self.device))
-        self.weights = {"w13": w13, "w2": w2}
+        reader = CheckpointReader(checkpoint, spec)
+        rows = reader.read_layer_slots(0, experts, device=str(self.compute))
+        self.weights = layer_weights(rows, reader.format, spec.dtype)
         self.spec = spec
 
     def gpu(self) -> list:
@@ -107,8 +113,18 @@ class _CollectiveRank:
             weights = torch.empty(m, dtype=torch.float32, device=self.device)
             for t in (hidden, index, weights):
                 dist.recv(t, src=0)
-            dist.send(combine_rank(self.weights, hidden, index[0], index[1], weights), dst=0)
+            hidden, index, weights = (t.to(self.compute) for t in (hidden, index, weights))
+            out = combine_rank(self.weights, hidden, index[0], index[1], weights)
+            dist.send(out.to(self.device), dst=0)
             calls += 1
+
+
+def _gpu_share(args) -> float:
+    """GPUs each rank asks Ray for: one each, or an equal share when there are fewer GPUs than ranks."""
+    if args.device != "cuda":
+        return 0
+    gpus = torch.cuda.device_count()
+    return 1 if gpus >= args.ranks else gpus / args.ranks
 
 
 def _collective_arm(args, spec, ckpt, ranks_experts, batches_by_size, device: torch.device, backend: str):
@@ -118,8 +134,8 @@ def _collective_arm(args, spec, ckpt, ranks_experts, batches_by_size, device: to
 
     world = len(ranks_experts) + 1
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
-    cls = ray.remote(num_gpus=1 if backend == "nccl" else 0, num_cpus=0)(_CollectiveRank)
-    actors = [cls.remote(r + 1, world, "127.0.0.1", store.port, backend, ckpt, spec, ex)
+    cls = ray.remote(num_gpus=_gpu_share(args), num_cpus=0)(_CollectiveRank)
+    actors = [cls.remote(r + 1, world, "127.0.0.1", store.port, backend, args.device, ckpt, spec, ex)
               for r, ex in enumerate(ranks_experts)]
     dist.init_process_group(backend, store=store, rank=0, world_size=world)
     loops = [a.serve.remote() for a in actors]
@@ -171,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--tokens", default="64,256,512,8192")
     p.add_argument("--calls", type=int, default=5, help="timed calls per size (after one warm-up)")
-    p.add_argument("--arms", default="local,ray,collective")
+    p.add_argument("--arms", default="local,ray,gloo,nccl")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     import ray
@@ -206,19 +222,22 @@ def main(argv=None) -> int:
              runtime_env=worker_runtime_env())
     try:
         if "ray" in arms:
+            share = _gpu_share(args)
             cfg = ClusterConfig(model=spec, checkpoint=ckpt, num_ranks=args.ranks, slots_per_rank=spr, num_spares=0,
-                                device=args.device, keep_backups=False, state_dir=str(work / "state"))
+                                device=args.device, keep_backups=False, state_dir=str(work / "state"),
+                                gpu_fractions=(share,) * args.ranks if 0 < share < 1 else None)
             with ElasticEPCluster(cfg) as cluster:
                 client = cluster.client(view_max_age_s=60.0)
                 results["ray"] = {n: _time(lambda h, i, w: client.moe(0, h, i, w), b) for n, b in batches.items()}
-        if "collective" in arms:
-            backend = "nccl" if args.device == "cuda" else "gloo"
-            if backend == "nccl" and torch.cuda.device_count() < args.ranks + 1:
-                print(f"collective arm skipped: NCCL needs a GPU for the client beside {args.ranks} ranks")
-            else:
-                client_dev = torch.device("cuda", args.ranks) if backend == "nccl" else torch.device("cpu")
-                experts = [[(r * spr + s) % spec.num_experts for s in range(spr)] for r in range(args.ranks)]
-                results["collective"] = _collective_arm(args, spec, ckpt, experts, batches, client_dev, backend)
+        experts = [[(r * spr + s) % spec.num_experts for s in range(spr)] for r in range(args.ranks)]
+        for backend in ("gloo", "nccl"):
+            if backend not in arms:
+                continue
+            if backend == "nccl" and (args.device != "cuda" or torch.cuda.device_count() < args.ranks + 1):
+                print(f"nccl arm skipped: NCCL needs a GPU for the client beside {args.ranks} ranks")
+                continue
+            client_dev = torch.device("cuda", args.ranks) if backend == "nccl" else torch.device("cpu")
+            results[backend] = _collective_arm(args, spec, ckpt, experts, batches, client_dev, backend)
     finally:
         ray.shutdown()
 
