@@ -2,9 +2,12 @@
 transformers loads.
 
 Values (see ``expected_bundle``): bundle tensor k of (layer, expert) holds, flattened,
-``[0] = layer, [1] = expert, [2] = k`` and elsewhere ``((i * 7 + layer * 31 + expert * 17
-+ k * 5) % 251) / 64`` (float dtypes, FP8 rounded from it; integer dtypes the
-numerator); scales add 1; ``*_shape`` tensors hold the projections' real shapes.
+``[0] = layer, [1] = expert, [2] = k`` and elsewhere ``n / 64`` with ``n = (i * 7 + layer * 31
++ expert * 17 + k * 5) % 251`` (float dtypes, FP8 rounded from it; uint8 MXFP4 blocks ``n``).
+Quantization parts are as a trained model's, so a folder served dequantizes to weights of
+0.01-1 and finite outputs: FP8 ``*_scale_inv`` and INT4 ``*_scale`` hold ``(1 + v / 64) / 32``
+(0.03-0.15) and E8M0 ``*_scales`` ``119 + v % 7`` (2^-8..2^-2) of the values v above, identity
+included; INT4 ``*_packed`` ``n`` in each byte (every nibble used); ``*_shape`` the projections' shapes.
 """
 
 from __future__ import annotations
@@ -49,12 +52,20 @@ def _synthetic(t: TensorSpec, k: int, layer: int, expert: int, spec: ModelSpec, 
     n = t.numel
     shift = (((layer * 31 + expert * 17 + k * 5) % _MOD) * _INV_STEP) % _MOD
     flat = _pattern_base(n, str(device))[shift: shift + n].clone()
-    if t.dtype in ("bfloat16", "float16", "float32", "float8_e4m3fn"):
-        flat.div_(64)
-        if t.part in ("scale_inv", "scale", "scales"):
-            flat.add_(1)
     ident = torch.tensor([layer, expert, k][:n], dtype=torch.float32, device=device)
+    if t.part == "scales":  # E8M0: 2^(s - 127) for s in 119..125, identity only in the pattern's shift
+        flat[: len(ident)] = ident
+        return flat.remainder_(7).add_(119).to(TORCH_DTYPES[t.dtype]).view(t.shape)
+    if t.part == "packed":  # n in each byte of a non-negative int32: all eight int4 values vary
+        out = flat.to(torch.int64).mul_(0x01010101).bitwise_and_(0x7FFFFFFF)
+        out[: len(ident)] = ident.to(torch.int64)
+        return out.to(TORCH_DTYPES[t.dtype]).view(t.shape)
     flat[: len(ident)] = ident
+    if t.dtype in ("bfloat16", "float16", "float32", "float8_e4m3fn"):
+        if t.part in ("scale_inv", "scale"):  # identity included: no block scaled by a layer or expert id
+            flat.div_(64).add_(1).div_(32)
+        else:
+            flat[len(ident):] /= 64
     return flat.to(TORCH_DTYPES[t.dtype]).view(t.shape)
 
 

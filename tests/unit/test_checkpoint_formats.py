@@ -271,3 +271,25 @@ def test_presets_name_every_family_layout():
 def test_expected_bundle_rejects_out_of_range():
     with pytest.raises(ValueError, match=r"\(3, 0\)"):
         expected_bundle(FP8, 3, 0)
+
+
+@pytest.mark.parametrize("spec, preset, family", [(FP8, "deepseek", "deepseek_v3"), (MXFP4, "gpt-oss", "gpt_oss"),
+                                                  (INT4, "qwen", None)])
+def test_writer_made_quantized_folders_serve_finite_outputs(tmp_path, spec, preset, family):
+    """The writer's scales are a trained model's: dequantized weights of 0.01-1, and the oracle's MoE outputs finite."""
+    from elastic_ep.serving.oracle import CheckpointOracle
+
+    folder = write_checkpoint(tmp_path / spec.quant, spec, preset, family=family)
+    oracle = CheckpointOracle(str(folder), spec, preset)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(16, spec.hidden, generator=g).to(torch.bfloat16)
+    ids = torch.randint(0, spec.num_experts, (16, 2), generator=g).numpy()
+    for layer in range(spec.num_layers):
+        w = oracle.experts(layer)
+        for p in ("w13", "w2"):
+            mags = w[p].float().abs()
+            assert torch.isfinite(mags).all(), (layer, p)
+            # the bulk as trained weights are; the 3 identity values may scale one block more
+            assert 0.01 <= mags.median() <= 1.0 and torch.quantile(mags.flatten()[:2 ** 24], 0.99) <= 2.0, (layer, p)
+        out = oracle(layer, hidden, ids, [[0.5, 0.5]] * 16)
+        assert torch.isfinite(out).all() and out.abs().max() > 0, layer
