@@ -29,8 +29,8 @@ from .bundle import TORCH_DTYPES, to_row
 from .fingerprints import fingerprint_row
 from .formats import DTYPES, TensorSpec
 from .hub import PathLike
-from .layouts import Layout, resolve_layout
-from .reader import INDEX_FILE, SINGLE_FILE
+from .layouts import Layout, Source, resolve_layout
+from .reader import INDEX_FILE, SINGLE_FILE, disk_shape
 from .geometry import CONFIG_FILE
 
 _MOD, _STEP = 251, 7
@@ -97,37 +97,34 @@ def expected_fingerprints(spec: ModelSpec, device: str = "cpu") -> np.ndarray:
     return out
 
 
+def _disk_part(x: torch.Tensor, t: TensorSpec, src: Source, j: int) -> torch.Tensor:
+    """One expert's bundle tensor ``x`` as ``src.names[j]`` stores it (``assemble`` inverted)."""
+    if src.interleaved:  # gate rows to even, up rows to odd
+        x = torch.stack(x.chunk(2, dim=0), dim=1).reshape(x.shape)
+    if len(src.names) > 1:
+        x = x[j] if t.part == "shape" else x.chunk(2, dim=0)[j]
+    return x.transpose(0, 1) if src.transposed else x
+
+
+def _disk_value(spec: ModelSpec, layer: int, device: str, k: int, t: TensorSpec, src: Source, j: int,
+                expert: Optional[int]) -> torch.Tensor:
+    """Tensor ``src.names[j]``: one expert's part, or (``expert=None``) every expert's, stacked as fused."""
+    if expert is not None:
+        return _disk_part(_synthetic(t, k, layer, expert, spec, device), t, src, j)
+    xs = [_disk_part(_synthetic(t, k, layer, e, spec, device), t, src, j) for e in range(spec.num_experts)]
+    return torch.cat(xs) if src.flat else torch.stack(xs)
+
+
 def _disk_tensors(spec: ModelSpec, layout: Layout, layer: int, device: str) -> list[tuple[str, Callable, tuple, str]]:
     """(name, make, shape, dtype) of every tensor of one MoE layer as ``layout`` stores it."""
-    ckpt_layer = spec.checkpoint_layers[layer]
+    ckpt_layer, quantized = spec.checkpoint_layers[layer], spec.quant != "none"
     out = []
     for k, t in enumerate(spec.expert_format.tensors):
-        if layout.per_expert:
-            for e in range(spec.num_experts):
-                src = layout.source(t, ckpt_layer, e, spec.quant != "none")
-
-                def make(j, k=k, t=t, e=e, n=len(src.names)):
-                    x = _synthetic(t, k, layer, e, spec, device)
-                    return x if n == 1 else x[j]  if t.part == "shape" else x.chunk(2, dim=0)[j]
-
-                for j, name in enumerate(src.names):
-                    shape = t.shape if len(src.names) == 1 else (t.shape[1:] if t.part == "shape"
-                                                                  else (t.shape[0] // 2, *t.shape[1:]))
-                    out.append((name, functools.partial(make, j), shape, t.dtype))
-        else:
-            src = layout.source(t, ckpt_layer, 0, spec.quant != "none")
-
-            def make_fused(k=k, t=t, src=src):
-                xs = []
-                for e in range(spec.num_experts):
-                    x = _synthetic(t, k, layer, e, spec, device)
-                    if src.interleaved:  # gate rows to even, up rows to odd
-                        x = torch.stack(x.chunk(2, dim=0), dim=1).reshape(x.shape)
-                    xs.append(x.transpose(0, 1) if src.transposed else x)
-                return torch.stack(xs)
-
-            shape = (t.shape[1], t.shape[0], *t.shape[2:]) if src.transposed else t.shape
-            out.append((src.names[0], make_fused, (spec.num_experts, *shape), t.dtype))
+        for e in range(spec.num_experts) if layout.per_expert else (None,):
+            src = layout.source(t, ckpt_layer, e or 0, quantized)
+            shape = disk_shape(t, src, spec.num_experts)
+            out += [(name, functools.partial(_disk_value, spec, layer, device, k, t, src, j, e), shape, t.dtype)
+                    for j, name in enumerate(src.names)]
     return out
 
 
