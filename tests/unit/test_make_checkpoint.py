@@ -4,7 +4,6 @@ together."""
 from __future__ import annotations
 
 import pytest
-
 import torch
 
 from elastic_ep.checkpoint import (FAMILIES, CheckpointReader, expected_bundle, expected_fingerprints, read_spec,
