@@ -1,5 +1,5 @@
-"""Tiny real MoE models written by transformers (Mixtral, Qwen3-MoE, DeepSeek-V3, gpt-oss) and their own expert
-blocks; a gpt-oss one re-saved with MXFP4 experts in the released layout."""
+"""Tiny real MoE models written by transformers (Mixtral, Qwen3-MoE, DeepSeek-V3, gpt-oss; DBRX and multimodal
+Llama-4 builders) and their own expert blocks; a gpt-oss one re-saved with MXFP4 experts in the released layout."""
 
 from __future__ import annotations
 
@@ -27,6 +27,29 @@ def tiny_config(family: str):
             n_group=2, topk_group=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
             qk_nope_head_dim=8, v_head_dim=8, **common)
     raise ValueError(family)
+
+
+def tiny_dbrx(hidden: int, layers: int, experts: int, intermediate: int):
+    """A tiny DbrxForCausalLM: its expert keys sit in ``ffn_config``, its attention's in ``attn_config``."""
+    import transformers
+
+    config = transformers.DbrxConfig(
+        d_model=hidden, n_heads=2, n_layers=layers, vocab_size=64, max_seq_len=64,
+        ffn_config=dict(moe_num_experts=experts, ffn_hidden_size=intermediate, moe_top_k=2),
+        attn_config=dict(kv_n_heads=1, rope_theta=10000.0))  # 5.25's attention needs rope_theta given
+    return transformers.DbrxForCausalLM(config)
+
+
+def tiny_llama4_multimodal(**text):
+    """A Llama4ForConditionalGeneration (text model from ``text``, a one-layer vision tower of width 16): saved
+    with its text model's names under ``language_model.`` and its config under ``text_config``."""
+    import transformers
+
+    vision = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
+                  patch_size=14, projector_input_dim=32, projector_output_dim=32, vision_output_dim=32,
+                  pixel_shuffle_ratio=0.5)
+    return transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(text_config=text,
+                                                                                 vision_config=vision))
 
 
 def write_tiny_model(family: str, folder, seed: int = 0) -> Path:

@@ -2,12 +2,16 @@
 
 Families (``model_type``): Mixtral, Qwen2/3-MoE (``num_experts`` or transformers 5's
 ``num_local_experts``), Qwen3-Next, DeepSeek-V2/V3 and Kimi-K2 (FP8 ``quantization_config``,
-MTP layers), GLM-4-MoE, gpt-oss (MXFP4, biases), Llama-4, OLMoE, ERNIE-4.5-MoE,
-HunYuan-MoE, Jamba, LFM2-MoE, and what ``write_checkpoint`` writes (``elastic_ep`` key).
-MoE layers come from the family's rule (``first_k_dense_replace``, ``moe_layer_freq``,
-``mlp_only_layers``, ``decoder_sparse_step``, ``num_dense_layers``, ``moe_layer_start_index``/
-``end``/``interval``, ``interleave_moe_layer_step``/``moe_layers``, ``expert_layer_period``/
-``offset``). Reads JSON only: the index, or a lone shard's header.
+MTP layers), GLM-4-MoE, gpt-oss (MXFP4, biases), Llama-4 (text, or multimodal with
+``text_config``), OLMoE, ERNIE-4.5-MoE, HunYuan-MoE, Jamba, LFM2-MoE, AFMoE, EXAONE-MoE,
+GraniteMoE (and -Shared, -Hybrid), JetMoE, DBRX (``ffn_config``), and what ``write_checkpoint``
+writes (``elastic_ep`` key). MoE layers come from the family's rule (``first_k_dense_replace``,
+``moe_layer_freq``, ``mlp_only_layers``, ``decoder_sparse_step``, ``num_dense_layers``,
+``mlp_layer_types``, ``moe_layer_start_index``/``end``/``interval``,
+``interleave_moe_layer_step``/``moe_layers``, ``expert_layer_period``/``offset``). Parts of
+a layer outside its routed experts stay with the serving engine: shared experts (counted in
+``shared_experts``), JetMoE's per-layer output bias. Reads JSON only: the index, or a lone
+shard's header.
 """
 
 from __future__ import annotations
@@ -75,8 +79,13 @@ def _moe_layers(c: _Config, family: str, num_layers: int) -> list[int]:
     if family == "qwen":
         sparse_step, dense = c.get("decoder_sparse_step", 1), set(c.get("mlp_only_layers", []) or [])
         return [i for i in rng if i not in dense and (i + 1) % max(1, sparse_step) == 0]
-    if family == "lfm2":
+    if family == "num_dense":  # LFM2-MoE, AFMoE
         return [i for i in rng if i >= c.get("num_dense_layers", 0)]
+    if family == "exaone":  # mlp_layer_types wins over first_k_dense_replace (transformers' default 1)
+        types = c.get("mlp_layer_types")
+        if isinstance(types, list):
+            return [i for i in rng if i < len(types) and types[i] == "sparse"]
+        return [i for i in rng if i >= c.get("first_k_dense_replace", 1)]
     if family == "ernie":
         start, end = c.get("moe_layer_start_index", 0), c.get("moe_layer_end_index", num_layers - 1)
         start, end = (min(start) if isinstance(start, list) else start), (max(end) if isinstance(end, list) else end)
@@ -85,7 +94,7 @@ def _moe_layers(c: _Config, family: str, num_layers: int) -> list[int]:
     if family == "llama4":
         if isinstance(c.get("moe_layers"), list):
             return sorted(int(i) for i in c.get("moe_layers"))
-        step = c.get("interleave_moe_layer_step", 1)
+        step = max(1, c.get("interleave_moe_layer_step", 1))
         return list(range(step - 1, num_layers, step))
     if family == "jamba":
         period, offset = c.get("expert_layer_period", 1), c.get("expert_layer_offset", 0)
@@ -118,7 +127,15 @@ _family(("ernie4_5_moe",), "ernie", "deepseek", ("moe_num_experts",), ("moe_inte
 _family(("hunyuan_v1_moe",), "all", "deepseek", ("num_experts",), ("intermediate_size",),
         lambda c: c.get("num_shared_expert", 0) if c.get("use_mixed_mlp_moe") else 0)
 _family(("jamba",), "jamba", "jamba", ("num_experts",), ("intermediate_size",))
-_family(("lfm2_moe",), "lfm2", "lfm2", ("num_experts",), ("moe_intermediate_size",))
+_family(("lfm2_moe",), "num_dense", "lfm2", ("num_experts",), ("moe_intermediate_size",))
+_family(("afmoe",), "num_dense", "deepseek", ("num_experts",), ("moe_intermediate_size",),
+        lambda c: c.get("num_shared_experts", 0))
+_family(("exaone_moe",), "exaone", "deepseek", ("num_experts",), ("moe_intermediate_size",),
+        lambda c: c.get("num_shared_experts", 0))
+_family(("granitemoe", "granitemoeshared", "granitemoehybrid"), "all", "granitemoe", ("num_local_experts",),
+        ("intermediate_size",), lambda c: int(c.get("shared_intermediate_size", 0) > 0))
+_family(("jetmoe",), "all", "jetmoe", ("num_local_experts",), ("intermediate_size",))
+_family(("dbrx",), "all", "dbrx", ("moe_num_experts",), ("ffn_hidden_size",))
 
 
 def _quant(c: _Config) -> dict:
@@ -151,9 +168,7 @@ def _mtp_layers(c: _Config, names: set[str], layout: Layout, start: int) -> list
     """DeepSeek's multi-token-prediction layers after the decoder ones, where the checkpoint holds their experts."""
     out = []
     for i in range(start, start + c.get("num_nextn_predict_layers", 0)):
-        variant = choose_variant(layout, names, i)
-        first = variant.tensor_names(i, 0)[0] if variant.per_expert else variant.fused_gate_up.format(L=i)
-        if first in names:
+        if choose_variant(layout, names, i).first_name(i) in names:
             out.append(i)
     return out
 
@@ -180,8 +195,11 @@ def read_spec(checkpoint: PathLike) -> tuple[ModelSpec, str]:
     folder = resolve_checkpoint(checkpoint)
     data = read_config(folder)
     path = repr(str(folder / CONFIG_FILE))
-    if isinstance(data.get("text_config"), dict) and "model_type" in data["text_config"]:
-        data = {**data["text_config"], "quantization_config": data.get("quantization_config")}
+    if isinstance(data.get("text_config"), dict) and "model_type" in data["text_config"]:  # multimodal (Llama-4)
+        outer = {k: data.get(k) for k in ("dtype", "torch_dtype", "quantization_config")}
+        data = {**outer, **{k: v for k, v in data["text_config"].items() if v is not None}}
+    if isinstance(data.get("ffn_config"), dict):  # DBRX: expert keys nested
+        data = {**data["ffn_config"], **data}
     c = _Config(data, path)
     dtype = c.get("torch_dtype", c.get("dtype", "bfloat16"))
     dtype = dtype if dtype in FLOAT_DTYPES else "bfloat16"
@@ -199,7 +217,7 @@ def read_spec(checkpoint: PathLike) -> tuple[ModelSpec, str]:
                               f"of {sorted(_FAMILIES)}")
     rule, preset, experts_keys, inter_keys, shared = _FAMILIES[model_type]
     experts, inter = c.int(*experts_keys), c.int(*inter_keys)
-    hidden, decoder_layers = c.int("hidden_size"), c.int("num_hidden_layers")
+    hidden, decoder_layers = c.int("hidden_size", "d_model"), c.int("num_hidden_layers", "n_layers")
     layers = _moe_layers(c, rule, decoder_layers)
     if rule == "deepseek":
         layers += _mtp_layers(c, tensor_names(folder), PRESETS[preset], decoder_layers)

@@ -61,32 +61,45 @@ def file_errors(file: str, root: Path) -> Iterator[None]:
         ) from exc
 
 
+def part_shape(t: TensorSpec, src: Source) -> tuple[int, ...]:
+    """One expert's shape in each of ``src``'s tensors (gate's or up's half when they are apart), as stored."""
+    if len(src.names) == 1:
+        shape = t.shape
+    elif t.part == "shape":
+        shape = t.shape[1:]
+    else:
+        shape = (t.shape[0] // 2, *t.shape[1:])
+    return (shape[1], shape[0], *shape[2:]) if src.transposed else shape
+
+
 def disk_shape(t: TensorSpec, src: Source, num_experts: int) -> tuple[int, ...]:
     """Shape each of ``src``'s tensors must have on disk for bundle tensor ``t``."""
-    if src.fused:
-        shape = (t.shape[1], t.shape[0], *t.shape[2:]) if src.transposed else t.shape
-        return (num_experts, *shape)
-    if len(src.names) == 1:
-        return t.shape
-    if t.part == "shape":
-        return t.shape[1:]
-    return (t.shape[0] // 2, *t.shape[1:])
+    shape = part_shape(t, src)
+    if not src.fused:
+        return shape
+    return (num_experts * shape[0], *shape[1:]) if src.flat else (num_experts, *shape)
+
+
+def expert_slice(sl, t: TensorSpec, src: Source):
+    """``src.expert``'s part of a fused tensor's safetensors slice, as ``[1, ...]``."""
+    e = src.expert
+    if src.flat:
+        rows = part_shape(t, src)[0]
+        return sl[e * rows: (e + 1) * rows][None]
+    return sl[e: e + 1]
 
 
 def assemble(t: TensorSpec, src: Source, parts: list[torch.Tensor]) -> torch.Tensor:
-    """Bundle tensor ``t`` of one expert from its disk tensors (a fused one already sliced to ``[1, ...]``)."""
+    """Bundle tensor ``t`` of one expert from its disk tensors (fused ones already sliced to ``[1, ...]``)."""
     if src.fused:
-        x = parts[0][0]
-        if src.transposed:
-            x = x.transpose(0, 1)
-        if src.interleaved:
-            x = torch.cat([x[0::2], x[1::2]], dim=0)
-        return x
+        parts = [p[0].transpose(0, 1) if src.transposed else p[0] for p in parts]
     if t.part == "shape":
         parts = [p.to(torch.int64) for p in parts]
     if len(parts) == 1:
-        return parts[0]
-    return torch.stack(parts) if t.part == "shape" else torch.cat(parts, dim=0)
+        x = parts[0]
+    else:
+        x = torch.stack(parts) if t.part == "shape" else torch.cat(parts, dim=0)
+    return torch.cat([x[0::2], x[1::2]], dim=0) if src.interleaved else x
 
 
 class CheckpointReader:
@@ -140,8 +153,10 @@ class CheckpointReader:
             sl = f.get_slice(name)
             shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
         want = disk_shape(t, src, self.spec.num_experts)
-        if src.fused and shape and shape[0] != self.spec.num_experts:
-            raise CheckpointError(f"fused tensor {name!r} in {file!r} holds {shape[0]} experts (shape {shape}); "
+        rows = part_shape(t, src)[0] if src.flat else 1
+        if src.fused and shape and shape[0] != self.spec.num_experts * rows:
+            raise CheckpointError(f"fused tensor {name!r} in {file!r} holds {shape[0] / rows:g} experts (shape "
+                                  f"{shape}{f', {rows} rows each' if src.flat else ''}); "
                                   f"the model has {self.spec.num_experts}")
         if shape != want:
             raise CheckpointError(f"tensor {name!r} in {file!r} has shape {shape}, the model spec needs {want} "
@@ -182,8 +197,7 @@ class CheckpointReader:
                         checked.add(name)
                     if data:
                         with file_errors(file, self.root):
-                            e = src.expert
-                            part = f.get_slice(name)[e: e + 1] if src.fused else f.get_tensor(name)
+                            part = expert_slice(f.get_slice(name), t, src) if src.fused else f.get_tensor(name)
                         self.bytes_read += part.numel() * part.element_size()
                         got[item][j] = part
         if data:

@@ -2,9 +2,12 @@
 transformers loads.
 
 Values (see ``expected_bundle``): bundle tensor k of (layer, expert) holds, flattened,
-``[0] = layer, [1] = expert, [2] = k`` and elsewhere ``((i * 7 + layer * 31 + expert * 17
-+ k * 5) % 251) / 64`` (float dtypes, FP8 rounded from it; integer dtypes the
-numerator); scales add 1; ``*_shape`` tensors hold the projections' real shapes.
+``[0] = layer, [1] = expert, [2] = k`` and elsewhere ``n / 64`` with ``n = (i * 7 + layer * 31
++ expert * 17 + k * 5) % 251`` (float dtypes, FP8 rounded from it; uint8 MXFP4 blocks ``n``).
+Quantization parts are as a trained model's, so a folder served dequantizes to weights of
+0.01-1 and finite outputs: FP8 ``*_scale_inv`` and INT4 ``*_scale`` hold ``(1 + v / 64) / 32``
+(0.03-0.15) and E8M0 ``*_scales`` ``119 + v % 7`` (2^-8..2^-2) of the values v above, identity
+included; INT4 ``*_packed`` ``n`` in each byte (every nibble used); ``*_shape`` the projections' shapes.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from .bundle import TORCH_DTYPES, to_row
 from .fingerprints import fingerprint_row
 from .formats import DTYPES, TensorSpec
 from .hub import PathLike
-from .layouts import Layout, resolve_layout
-from .reader import INDEX_FILE, SINGLE_FILE
+from .layouts import Layout, Source, resolve_layout
+from .reader import INDEX_FILE, SINGLE_FILE, disk_shape
 from .geometry import CONFIG_FILE
 
 _MOD, _STEP = 251, 7
@@ -49,12 +52,20 @@ def _synthetic(t: TensorSpec, k: int, layer: int, expert: int, spec: ModelSpec, 
     n = t.numel
     shift = (((layer * 31 + expert * 17 + k * 5) % _MOD) * _INV_STEP) % _MOD
     flat = _pattern_base(n, str(device))[shift: shift + n].clone()
-    if t.dtype in ("bfloat16", "float16", "float32", "float8_e4m3fn"):
-        flat.div_(64)
-        if t.part in ("scale_inv", "scale", "scales"):
-            flat.add_(1)
     ident = torch.tensor([layer, expert, k][:n], dtype=torch.float32, device=device)
+    if t.part == "scales":  # E8M0: 2^(s - 127) for s in 119..125, identity only in the pattern's shift
+        flat[: len(ident)] = ident
+        return flat.remainder_(7).add_(119).to(TORCH_DTYPES[t.dtype]).view(t.shape)
+    if t.part == "packed":  # n in each byte of a non-negative int32: all eight int4 values vary
+        out = flat.to(torch.int64).mul_(0x01010101).bitwise_and_(0x7FFFFFFF)
+        out[: len(ident)] = ident.to(torch.int64)
+        return out.to(TORCH_DTYPES[t.dtype]).view(t.shape)
     flat[: len(ident)] = ident
+    if t.dtype in ("bfloat16", "float16", "float32", "float8_e4m3fn"):
+        if t.part in ("scale_inv", "scale"):  # identity included: no block scaled by a layer or expert id
+            flat.div_(64).add_(1).div_(32)
+        else:
+            flat[len(ident):] /= 64
     return flat.to(TORCH_DTYPES[t.dtype]).view(t.shape)
 
 
@@ -86,37 +97,34 @@ def expected_fingerprints(spec: ModelSpec, device: str = "cpu") -> np.ndarray:
     return out
 
 
+def _disk_part(x: torch.Tensor, t: TensorSpec, src: Source, j: int) -> torch.Tensor:
+    """One expert's bundle tensor ``x`` as ``src.names[j]`` stores it (``assemble`` inverted)."""
+    if src.interleaved:  # gate rows to even, up rows to odd
+        x = torch.stack(x.chunk(2, dim=0), dim=1).reshape(x.shape)
+    if len(src.names) > 1:
+        x = x[j] if t.part == "shape" else x.chunk(2, dim=0)[j]
+    return x.transpose(0, 1) if src.transposed else x
+
+
+def _disk_value(spec: ModelSpec, layer: int, device: str, k: int, t: TensorSpec, src: Source, j: int,
+                expert: Optional[int]) -> torch.Tensor:
+    """Tensor ``src.names[j]``: one expert's part, or (``expert=None``) every expert's, stacked as fused."""
+    if expert is not None:
+        return _disk_part(_synthetic(t, k, layer, expert, spec, device), t, src, j)
+    xs = [_disk_part(_synthetic(t, k, layer, e, spec, device), t, src, j) for e in range(spec.num_experts)]
+    return torch.cat(xs) if src.flat else torch.stack(xs)
+
+
 def _disk_tensors(spec: ModelSpec, layout: Layout, layer: int, device: str) -> list[tuple[str, Callable, tuple, str]]:
     """(name, make, shape, dtype) of every tensor of one MoE layer as ``layout`` stores it."""
-    ckpt_layer = spec.checkpoint_layers[layer]
+    ckpt_layer, quantized = spec.checkpoint_layers[layer], spec.quant != "none"
     out = []
     for k, t in enumerate(spec.expert_format.tensors):
-        if layout.per_expert:
-            for e in range(spec.num_experts):
-                src = layout.source(t, ckpt_layer, e, spec.quant != "none")
-
-                def make(j, k=k, t=t, e=e, n=len(src.names)):
-                    x = _synthetic(t, k, layer, e, spec, device)
-                    return x if n == 1 else x[j]  if t.part == "shape" else x.chunk(2, dim=0)[j]
-
-                for j, name in enumerate(src.names):
-                    shape = t.shape if len(src.names) == 1 else (t.shape[1:] if t.part == "shape"
-                                                                  else (t.shape[0] // 2, *t.shape[1:]))
-                    out.append((name, functools.partial(make, j), shape, t.dtype))
-        else:
-            src = layout.source(t, ckpt_layer, 0, spec.quant != "none")
-
-            def make_fused(k=k, t=t, src=src):
-                xs = []
-                for e in range(spec.num_experts):
-                    x = _synthetic(t, k, layer, e, spec, device)
-                    if src.interleaved:  # gate rows to even, up rows to odd
-                        x = torch.stack(x.chunk(2, dim=0), dim=1).reshape(x.shape)
-                    xs.append(x.transpose(0, 1) if src.transposed else x)
-                return torch.stack(xs)
-
-            shape = (t.shape[1], t.shape[0], *t.shape[2:]) if src.transposed else t.shape
-            out.append((src.names[0], make_fused, (spec.num_experts, *shape), t.dtype))
+        for e in range(spec.num_experts) if layout.per_expert else (None,):
+            src = layout.source(t, ckpt_layer, e or 0, quantized)
+            shape = disk_shape(t, src, spec.num_experts)
+            out += [(name, functools.partial(_disk_value, spec, layer, device, k, t, src, j, e), shape, t.dtype)
+                    for j, name in enumerate(src.names)]
     return out
 
 

@@ -271,3 +271,68 @@ def test_presets_name_every_family_layout():
 def test_expected_bundle_rejects_out_of_range():
     with pytest.raises(ValueError, match=r"\(3, 0\)"):
         expected_bundle(FP8, 3, 0)
+
+
+@pytest.mark.parametrize("spec, preset, family", [(FP8, "deepseek", "deepseek_v3"), (MXFP4, "gpt-oss", "gpt_oss"),
+                                                  (INT4, "qwen", None)])
+def test_writer_made_quantized_folders_serve_finite_outputs(tmp_path, spec, preset, family):
+    """The writer's scales are a trained model's: dequantized weights of 0.01-1, and the oracle's MoE outputs finite."""
+    from elastic_ep.serving.oracle import CheckpointOracle
+
+    folder = write_checkpoint(tmp_path / spec.quant, spec, preset, family=family)
+    oracle = CheckpointOracle(str(folder), spec, preset)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(16, spec.hidden, generator=g).to(torch.bfloat16)
+    ids = torch.randint(0, spec.num_experts, (16, 2), generator=g).numpy()
+    for layer in range(spec.num_layers):
+        w = oracle.experts(layer)
+        for p in ("w13", "w2"):
+            mags = w[p].float().abs()
+            assert torch.isfinite(mags).all(), (layer, p)
+            # the bulk as trained weights are; the 3 identity values may scale one block more
+            assert 0.01 <= mags.median() <= 1.0 and torch.quantile(mags.flatten()[:2 ** 24], 0.99) <= 2.0, (layer, p)
+        out = oracle(layer, hidden, ids, [[0.5, 0.5]] * 16)
+        assert torch.isfinite(out).all() and out.abs().max() > 0, layer
+
+
+@pytest.mark.parametrize("preset", ["dbrx", "granitemoe", "jetmoe", "llama4"])
+@pytest.mark.parametrize("spec", [FP8, MXFP4, INT4], ids=["fp8", "mxfp4", "int4"])
+def test_quantized_bundles_round_trip_through_fused_layouts(tmp_path, spec, preset):
+    """Scales, blocks and packed weights follow their weights through flat, split and transposed fused tensors."""
+    folder = write_checkpoint(tmp_path / preset, spec, preset)
+    reader = CheckpointReader(folder, spec, preset)
+    reader.validate()
+    assert (reader.fingerprints() == expected_fingerprints(spec)).all()
+
+
+def test_dbrx_flat_tensor_whose_expert_count_disagrees(tmp_path):
+    spec = ModelSpec(num_layers=2, num_experts=4, hidden=32, intermediate=16)
+    folder = write_checkpoint(tmp_path / "dbrx", spec, "dbrx")
+    six = ModelSpec(**{**spec.__dict__, "num_experts": 6})
+    with pytest.raises(CheckpointError, match=r"fused tensor 'transformer\.blocks\.0\.ffn\.experts\.mlp\.w1' .* holds "
+                                              r"4 experts \(shape \(64, 32\), 16 rows each\); the model has 6"):
+        CheckpointReader(folder, six, "dbrx").validate()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(fused_gate="a.{L}.w1", fused_down="a.{L}.w2"), "fused_gate and fused_up must be given together"),
+    (dict(fused_gate_up="a.{L}.gu", fused_gate="a.{L}.w1", fused_up="a.{L}.v1", fused_down="a.{L}.w2"),
+     "not both"),
+    (dict(fused_gate="a.{L}.w1", fused_up="a.{L}.v1", fused_down="a.{L}.w2", interleaved=True),
+     "interleaved gate/up needs them in one fused tensor"),
+    (dict(fused_gate="a.{L}.w1", fused_up="a.{L}.{E}.v1", fused_down="a.{L}.w2"), r"needs \{L\} and no \{E\}"),
+    (dict(fused_gate_up="a.{L}.gu", fused_down="a.{L}.d", alternatives=("deepseek",)), "alternatives must be Layouts"),
+])
+def test_bad_fused_layouts_are_named(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        Layout("bad", **kw)
+
+
+def test_layout_variants_pick_what_the_checkpoint_names():
+    llama4 = PRESETS["llama4"]
+    multimodal = {"language_model.model.layers.1.feed_forward.experts.gate_up_proj": "x"}
+    from elastic_ep.checkpoint.layouts import choose_variant
+    assert choose_variant(llama4, multimodal, 1).fused_gate_up.startswith("language_model.")
+    assert choose_variant(llama4, {}, 1) == llama4.variants()[0]  # nothing named: the first form
+    granite = choose_variant(PRESETS["granitemoe"], {"model.layers.0.block_sparse_moe.experts.gate_up_proj": "x"}, 0)
+    assert granite.fused_down == "model.layers.{L}.block_sparse_moe.experts.down_proj"

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from elastic_ep.checkpoint import CheckpointReader, read_spec
+from tests.hf_tiny import tiny_dbrx, tiny_llama4_multimodal
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,7 +51,31 @@ FAMILIES = {
               [1, 3], I_DENSE),
     "lfm2_moe": (dict(num_experts=4, moe_intermediate_size=I_MOE, intermediate_size=I_DENSE, num_dense_layers=1,
                       layer_types=["conv", "full_attention", "conv", "full_attention"]), [1, 2, 3], I_MOE),
+    "afmoe": (dict(num_experts=4, moe_intermediate_size=I_MOE, intermediate_size=I_DENSE, num_dense_layers=1,
+                   num_shared_experts=1), [1, 2, 3], I_MOE),
+    "exaone_moe": (dict(num_experts=4, moe_intermediate_size=I_MOE, intermediate_size=I_DENSE,
+                        mlp_layer_types=["dense", "sparse", "dense", "sparse"]), [1, 3], I_MOE),
+    "granitemoe": (dict(num_local_experts=4, intermediate_size=I_DENSE), [0, 1, 2, 3], I_DENSE),
+    "granitemoeshared": (dict(num_local_experts=4, intermediate_size=I_DENSE, shared_intermediate_size=I_MOE),
+                         [0, 1, 2, 3], I_DENSE),
+    "jetmoe": (dict(num_local_experts=4, intermediate_size=I_DENSE, kv_channels=16, num_key_value_heads=2),
+               [0, 1, 2, 3], I_DENSE),
+    "dbrx": (dict(), [0, 1, 2, 3], I_DENSE),
+    "llama4": (dict(num_local_experts=4, intermediate_size=I_DENSE, intermediate_size_mlp=40,
+                    interleave_moe_layer_step=2, moe_layers=None), [1, 3], I_DENSE),  # multimodal
 }
+SHARED = {"deepseek_v3": 1, "qwen2_moe": 1, "afmoe": 1, "exaone_moe": 1, "granitemoeshared": 1, "llama4": 1,
+          "mixtral": 0, "granitemoe": 0, "jetmoe": 0, "dbrx": 0}
+
+
+def _model(name: str, keys: dict):
+    """A tiny random ``name`` model; DBRX and multimodal Llama-4 by their own builders."""
+    if name == "dbrx":
+        return tiny_dbrx(H, BASE["num_hidden_layers"], 4, I_DENSE)
+    if name == "llama4":
+        return tiny_llama4_multimodal(**{**BASE, "num_experts_per_tok": 1, **keys})
+    config = transformers.AutoConfig.for_model(name, **{**BASE, "num_experts_per_tok": 2, **keys})
+    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +85,7 @@ def saved(tmp_path_factory):
     out = {}
     torch.manual_seed(0)
     for name, (keys, _, _) in FAMILIES.items():
-        config = transformers.AutoConfig.for_model(name, **{**BASE, "num_experts_per_tok": 2, **keys})
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = _model(name, keys)
         out[name] = {}
         for label, original in (("original", True), ("fused", False)):
             folder = root / f"{name}-{label}"
@@ -83,13 +107,23 @@ def _file_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def _expected(files: dict, layer: int, expert: int, inter: int, name: str) -> dict[str, torch.Tensor]:
     """An expert's (w13 [2I, H], w2 [H, I], biases) taken from whole tensors, by each family's own convention."""
+    dbrx = f"transformer.blocks.{layer}.ffn.experts.mlp"
+    if f"{dbrx}.w1" in files:  # [E * I, H] each; w2 holds down transposed
+        w1, v1, w2 = (files[f"{dbrx}.{n}"].view(-1, inter, H)[expert] for n in ("w1", "v1", "w2"))
+        return {"w13": torch.cat([w1, v1]), "w2": w2.T}
+    for stem, gate_up, down in (("block_sparse_moe", "input_linear.weight", "output_linear.weight"),  # GraniteMoE
+                                ("mlp", "input_linear.weight", "output_linear.weight")):  # JetMoE
+        if f"model.layers.{layer}.{stem}.{gate_up}" in files:  # [E, 2I, H], [E, H, I]
+            return {"w13": files[f"model.layers.{layer}.{stem}.{gate_up}"][expert],
+                    "w2": files[f"model.layers.{layer}.{stem}.{down}"][expert]}
     for experts in (f"model.layers.{layer}.mlp.experts", f"model.layers.{layer}.feed_forward.experts",
-                    f"model.layers.{layer}.block_sparse_moe.experts"):
+                    f"model.layers.{layer}.block_sparse_moe.experts",
+                    f"language_model.model.layers.{layer}.feed_forward.experts"):
         fused = files.get(f"{experts}.gate_up_proj")
         if fused is not None:
             gate_up, down = fused[expert], files[f"{experts}.down_proj"][expert]
             out = {}
-            if name in ("gpt_oss", "llama4_text"):  # stored [H, 2I] / [I, H]
+            if name in ("gpt_oss", "llama4_text", "llama4"):  # stored [H, 2I] / [I, H]
                 gate_up, down = gate_up.T, down.T
             if name == "gpt_oss":  # gate at even columns, up at odd
                 gate_up = torch.cat([gate_up[0::2], gate_up[1::2]])
@@ -127,7 +161,6 @@ def test_family_geometry_and_every_expert_bit_exact(saved, name, label):
                                value.contiguous().view(torch.uint8)), (layer, e, tensor)
 
 
-def test_shared_experts_are_reported_not_managed(saved):
-    assert read_spec(saved["deepseek_v3"]["original"])[0].shared_experts == 1
-    assert read_spec(saved["qwen2_moe"]["original"])[0].shared_experts == 1
-    assert read_spec(saved["mixtral"]["original"])[0].shared_experts == 0
+@pytest.mark.parametrize("name", sorted(SHARED))
+def test_shared_experts_are_reported_not_managed(saved, name):
+    assert read_spec(saved[name]["original"])[0].shared_experts == SHARED[name]
