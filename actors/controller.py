@@ -407,7 +407,7 @@ class Controller(ControllerOps):
     # -- the reconfiguration loop ------------------------------------------------------------------
 
     def reconfigure(self, reason: str, add: int = 0, remove: Optional[list[int]] = None,
-                    load: Optional[np.ndarray] = None) -> dict:
+                    load: Optional[np.ndarray] = None, layers_per_step: Optional[int] = None) -> dict:
         """Attempts until one commits. Transient failures (a death, a timeout) re-plan; typed ones end it.
 
         A typed failure (CapacityError, ExpertsLostError, CheckpointError, ...) cannot be
@@ -426,7 +426,7 @@ class Controller(ControllerOps):
                 request = request_for(reason, add, remove)
                 for attempt in range(1, MAX_ATTEMPTS + 1):
                     try:
-                        report = Reconfiguration(self, request, attempt, load).run()
+                        report = Reconfiguration(self, request, attempt, load, layers_per_step).run()
                     except (TransferError, RayError, GetTimeoutError) as exc:
                         failures.append(f"attempt {attempt}: {type(exc).__name__}: {exc}")
                         log.warning("reconfiguration attempt %d failed: %s", attempt, exc)
@@ -475,18 +475,22 @@ class Controller(ControllerOps):
 
     # -- public operations -------------------------------------------------------------------------
 
-    def rebalance(self, load=None) -> dict:
+    def rebalance(self, load=None, layers_per_step: Optional[int] = None) -> dict:
         """Re-place experts by ``load`` [num_layers, num_experts] or the recorded window (healing dead ranks too).
 
         Reconfigurations run one at a time: a second call waits for the first to
         finish, then collects the load and plans from the layout the first committed.
+        layers_per_step: MoE layers migrated per commit (None: the config's; 0: all at once).
         """
+        if layers_per_step is not None and (isinstance(layers_per_step, bool) or
+                                            not isinstance(layers_per_step, (int, np.integer)) or layers_per_step < 0):
+            raise ValueError(f"layers_per_step must be an int >= 0, got {layers_per_step!r}")
         if load is not None:
             load = check_counts(load, (self.spec.num_layers, self.spec.num_experts), "load")
         with self._lock:
             if load is None:
                 self.collect_load()
-            return self.reconfigure("rebalance", load=load)
+            return self.reconfigure("rebalance", load=load, layers_per_step=layers_per_step)
 
     def recover(self) -> dict:
         """Heal dead ranks and spares now (see elastic_ep.decide for who takes what)."""

@@ -12,6 +12,7 @@ from elastic_ep.decide import REQUESTS, Decision, Request, decide, layout_for
 from elastic_ep.errors import ElasticEPError, ExpertsLostError, TransferError
 from elastic_ep.faults import Step
 from elastic_ep.layout import ExpertLayout
+from elastic_ep.migration import MigrationSchedule, peak_staged_bytes, plan_migration, plan_steps, staged_bytes
 from elastic_ep.plan import TransferPlan, plan_transfers
 from elastic_ep.report import RebalanceReport
 
@@ -46,6 +47,12 @@ class Attempt:
     participants: dict = field(default_factory=dict)  # rank -> worker id of every participant
     results: dict = field(default_factory=dict)  # rank -> execute() reply
     epoch: int = 0
+    # Layerwise (elastic_ep.migration): the schedule, each step's plan, the step running; ``new`` and
+    # ``plan`` are then the running step's, ``target`` the whole move's. One step: target is new.
+    schedule: Optional[MigrationSchedule] = None
+    step_plans: list = field(default_factory=list)
+    step_index: int = 0
+    target: Optional[ExpertLayout] = None
 
 
 class Reconfiguration:
@@ -53,10 +60,18 @@ class Reconfiguration:
 
     Entering a step first fires a controller fault armed for it (FaultInjector), then the
     step's method runs and returns the next step; its time goes to the report's phases.
+
+    layers_per_step (None: the config's ``layers_per_step``; 0: the whole model at once): a
+    rebalance that changes no membership and whose experts all have a live copy migrates
+    that many changed MoE layers per commit, going round COMMUNICATORS..COMMIT once per step
+    (``elastic_ep.migration``); every other reconfiguration moves the whole model at once.
     """
 
-    def __init__(self, ctl: "Controller", request: Request, attempt: int, load_override=None):
+    def __init__(self, ctl: "Controller", request: Request, attempt: int, load_override=None,
+                 layers_per_step: Optional[int] = None):
         self.ctl = ctl
+        self.layers_per_step = int(layers_per_step if layers_per_step is not None
+                                   else getattr(ctl.cfg, "layers_per_step", 0))
         self.att = Attempt(request=request, load_override=load_override,
                            rep=RebalanceReport(reason=request.kind, epoch_from=ctl.epoch, attempt=attempt))
 
@@ -119,7 +134,7 @@ class Reconfiguration:
                              policy=cfg.policy)
         att.plan = plan = plan_transfers(att.old, att.new, survivors, expert_bytes=cfg.model.expert_bytes,
                                          fresh_ranks=set(d.fresh), stripe_fetches=ctl.striping)
-        att.rep.plan = plan.summary()
+        att.rep.plan = {**plan.summary(), "max_rank_bytes_staged": max(staged_bytes(plan).values(), default=0)}
         if plan.is_noop and not d.changes_membership and att.members == ctl.workers.members:
             att.rep.epoch_to, att.rep.noop = ctl.epoch, True
             ctl.refresh_balance(att.rep, att.old, att.new, load)
@@ -135,7 +150,26 @@ class Reconfiguration:
                 raise ExpertsLostError(
                     f"{len(lost)} experts have no copy left (no live replica, backup or checkpoint), "
                     f"e.g. (layer, expert) {lost[:5]}; the cluster keeps serving the previous layout", lost)
+        self._cut_into_steps(att, survivors)
         return Step.COMMUNICATORS
+
+    def _cut_into_steps(self, att: Attempt, survivors: list[int]) -> None:
+        """Layerwise when asked and safe: a rebalance that changes no membership and reads nothing from storage."""
+        d, plan, lps = att.decision, att.plan, self.layers_per_step
+        att.target, att.step_plans = att.new, [plan]
+        if lps > 0 and att.request.kind == "rebalance":  # recoveries, grows, shrinks, drains: the whole model
+            why = ("it changes membership" if d.changes_membership or att.members != self.ctl.workers.members
+                   else "experts without a live copy are read from storage" if len(plan.fetches) + len(plan.relays)
+                   else None)
+            if why is not None:
+                att.rep.notes.append(f"moved the whole model at once, not {lps} layers per step: {why}")
+            else:
+                schedule = plan_migration(att.old, att.new, lps)
+                if schedule.num_steps > 1:
+                    att.schedule, att.step_plans = schedule, plan_steps(schedule, survivors, plan.expert_bytes)
+                    att.new, att.plan = schedule.layouts[0], att.step_plans[0]
+        att.rep.migration_steps = len(att.step_plans)
+        att.rep.staging_peak_bytes = peak_staged_bytes(att.step_plans, att.target.ranks)
 
     def communicators(self, att: Attempt) -> Step:
         comms, plan = self.ctl.comms, att.plan
@@ -174,11 +208,15 @@ class Reconfiguration:
                     + "; ".join(f"rank {k}: {exc}" for k, exc in typed)[:2000], lost)
             raise typed[0][1]
         att.results = results
-        rep.worker_timings = {r: res["timings_s"] for r, res in results.items()}
+        for r, res in results.items():  # summed over the steps of a layerwise migration
+            timings = rep.worker_timings.setdefault(r, {})
+            for k, v in res["timings_s"].items():
+                timings[k] = timings.get(k, 0.0) + v
         # point-to-point bytes of experts that survivors held (relayed reads count as storage)
-        rep.bytes_p2p = int(sum(res["bytes_received"] for res in results.values())) - rep.plan["bytes_relayed"]
-        rep.bytes_from_backup = int(sum(res["bytes_from_backup"] for res in results.values()))
-        rep.bytes_from_checkpoint = int(sum(res["bytes_from_checkpoint"] for res in results.values()))
+        rep.bytes_p2p += int(sum(res["bytes_received"] for res in results.values())) - \
+            len(att.plan.relays) * att.plan.expert_bytes
+        rep.bytes_from_backup += int(sum(res["bytes_from_backup"] for res in results.values()))
+        rep.bytes_from_checkpoint += int(sum(res["bytes_from_checkpoint"] for res in results.values()))
         return Step.VERIFY
 
     def verify(self, att: Attempt) -> Step:
@@ -200,7 +238,7 @@ class Reconfiguration:
                     f"fingerprints (corrupted?), e.g. (layer, expert) {from_storage[:5]}, and no live replica or "
                     "backup holds them; the previous layout stays in force", from_storage)
             raise TransferError(f"{len(bad)} staged slots failed verification, e.g. (rank, layer, slot, expert) {bad[:5]}")
-        att.rep.slots_verified = int(sum(len(res["staged"]) for res in att.results.values()))
+        att.rep.slots_verified += int(sum(len(res["staged"]) for res in att.results.values()))
         return Step.PERSIST
 
     def persist(self, att: Attempt) -> Step:
@@ -225,10 +263,18 @@ class Reconfiguration:
         if w.first_death is not None and rep.reason == "recover":
             rep.since_death_s = rep.committed_at - w.first_death  # noticed -> committed
         rep.epoch_to = att.epoch
+        rep.commits += 1
         ctl.save()
         if set(done) != set(calls):
             rep.notes.append(f"ranks {sorted(set(calls) - set(done))} died during commit; next recovery heals them")
         ctl.refresh_balance(rep, att.old, att.new, att.load)
+        if att.step_index + 1 < len(att.step_plans):  # layerwise: the next step plans from what was just committed
+            if set(done) != set(calls):  # a new attempt heals them and plans from the layout just committed
+                raise TransferError(f"ranks {sorted(set(calls) - set(done))} died during the commit of layerwise step "
+                                    f"{att.step_index + 1} of {len(att.step_plans)}")
+            att.step_index += 1
+            att.new, att.plan = att.schedule.layouts[att.step_index], att.step_plans[att.step_index]
+            return Step.COMMUNICATORS
         return Step.REPLENISH
 
     def replenish(self, att: Attempt) -> Step:

@@ -12,11 +12,17 @@ Both arms run in one process on one cluster, each with a background serving stre
   (``CheckpointReader``) and the replacement has committed; then serving resumes.
 
 Measured per arm (``elastic_ep.serving_stats.summarize``): the longest completion gap
-around the kill, throughput during the rebalance / steady throughput, failed and wrong calls.
+around the kill, throughput during the rebalance / steady throughput, failed and wrong calls,
+the rebalance's commits and its peak staging per rank.
+
+``--layers-per-step N`` adds a third arm, "layerwise": the elastic arm's rebalance (to another
+load) migrating N MoE layers per commit (``elastic_ep.migration``), without a kill, so that
+throughput during a whole-model and a layerwise rebalance sit side by side in one table.
 
 Run from the repository root::
 
     python -m bench.serving_faults --device cpu --json /tmp/serving_faults.json
+    python -m bench.serving_faults --device cpu --layers 8 --layers-per-step 1   # whole-model vs layerwise
     python -m bench.serving_faults --device cuda --json $OUT/serving_faults.json   # one GPU: a rank and a spare share it
 """
 
@@ -28,12 +34,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from elastic_ep.cluster import ElasticEPCluster  # noqa: E402
 from elastic_ep.config import ClusterConfig, ModelSpec  # noqa: E402
+from elastic_ep.report import human_bytes  # noqa: E402
 from elastic_ep.serving.oracle import CheckpointOracle  # noqa: E402
 from elastic_ep.serving.stream import ServingStream, StreamConfig  # noqa: E402
 from elastic_ep.serving_stats import ServingLog  # noqa: E402
@@ -57,19 +65,26 @@ def _reload_from_checkpoint(reader: CheckpointReader, layout: dict, position: in
     return time.perf_counter() - t0
 
 
-def run_arm(cluster, oracle, reader, args, stop_the_world: bool, victim: int) -> tuple[dict, ServingLog]:
-    """One arm: steady, a rebalance, steady, a SIGKILL of ``victim`` and its recovery, steady."""
+def run_arm(cluster, oracle, reader, args, stop_the_world: bool, victim: Optional[int],
+            layers_per_step: int = 0, seed: int = 0) -> tuple[dict, ServingLog]:
+    """One arm: steady, a rebalance (``layers_per_step`` layers per commit; 0: all), steady, then unless
+    ``victim`` is None a SIGKILL of it and its recovery, steady."""
     log = ServingLog()
     stream = _stream(cluster, oracle, log, args)
     time.sleep(args.steady_s)
     if stop_the_world:
         stream.stop()
     log.mark("rebalance_start")
-    cluster.rebalance(load=_load(cluster, args.seed))
+    rep = cluster.rebalance(load=_load(cluster, args.seed + seed), layers_per_step=layers_per_step)
     log.mark("rebalance_commit")
     if stop_the_world:
         stream = _stream(cluster, oracle, log, args)
     time.sleep(args.steady_s)
+    moves = {"rebalance_commits": rep["commits"], "rebalance_moved_slots": rep["plan"].get("transfers", 0),
+             "rebalance_peak_staged_bytes": max(rep["staging_peak_bytes"].values(), default=0)}
+    if victim is None:
+        stream.stop()
+        return _row(log, "layerwise" if layers_per_step else "elastic", None, moves), log
     status = cluster.status()
     position = sorted(status["ranks"]).index(victim)
     if stop_the_world:
@@ -86,15 +101,20 @@ def run_arm(cluster, oracle, reader, args, stop_the_world: bool, victim: int) ->
         stream = _stream(cluster, oracle, log, args)
     time.sleep(args.steady_s)
     stream.stop()
+    return _row(log, "stop-the-world" if stop_the_world else "elastic", reload_s, moves), log
+
+
+def _row(log: ServingLog, arm: str, reload_s: Optional[float], moves: dict) -> dict:
+    """One table row from an arm's serving log (kill columns None for an arm without a kill)."""
     s = log.summary()
-    kill = s.kills[0]
+    kill = s.kills[0] if s.kills else None
     reb = s.rebalances[0]
     return {
-        "arm": "stop-the-world" if stop_the_world else "elastic",
-        "kill_gap_s": kill.gap.length_s,
-        "kill_to_commit_s": kill.commit_after_s,
+        "arm": arm,
+        "kill_gap_s": kill.gap.length_s if kill else None,
+        "kill_to_commit_s": kill.commit_after_s if kill else None,
         "checkpoint_reload_s": reload_s,
-        "kill_p99_s": kill.latency_p99_s,
+        "kill_p99_s": kill.latency_p99_s if kill else None,
         "rebalance_s": reb.t_end_s - reb.t_start_s,
         "rebalance_tokens_per_s": reb.tokens_per_s or 0.0,
         "steady_tokens_per_s": s.steady_tokens_per_s,
@@ -106,7 +126,8 @@ def run_arm(cluster, oracle, reader, args, stop_the_world: bool, victim: int) ->
         "wrong_calls": s.wrong_calls,
         "checked_calls": s.checked_calls,
         "retried_tokens": s.retried_tokens,
-    }, log
+        **moves,
+    }
 
 
 def _load(cluster, seed: int):
@@ -123,12 +144,15 @@ def _fmt(x, scale=1.0, unit="", digits=0) -> str:
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'arm':<16}{'kill gap':>10}{'kill->commit':>14}{'rebal tok/s':>13}{'steady tok/s':>14}"
-            f"{'rebal/steady':>14}{'p50':>8}{'p99':>8}{'calls':>7}{'failed':>8}{'wrong':>7}")
+            f"{'rebal/steady':>14}{'rebal s':>9}{'moved':>7}{'commits':>9}{'peak staged':>13}{'p50':>8}{'p99':>8}{'calls':>7}{'failed':>8}"
+            f"{'wrong':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['arm']:<16}{_fmt(r['kill_gap_s'], 1e3, 'ms'):>10}{_fmt(r['kill_to_commit_s'], 1e3, 'ms'):>14}"
                      f"{_fmt(r['rebalance_tokens_per_s']):>13}{_fmt(r['steady_tokens_per_s']):>14}"
-                     f"{_fmt(r['rebalance_ratio'], 100, '%'):>14}{_fmt(r['steady_p50_s'], 1e3, 'ms', 1):>8}"
+                     f"{_fmt(r['rebalance_ratio'], 100, '%'):>14}{_fmt(r['rebalance_s'], 1, 's', 2):>9}"
+                     f"{r['rebalance_moved_slots']:>7}{r['rebalance_commits']:>9}"
+                     f"{human_bytes(r['rebalance_peak_staged_bytes']):>13}{_fmt(r['steady_p50_s'], 1e3, 'ms', 1):>8}"
                      f"{_fmt(r['steady_p99_s'], 1e3, 'ms', 1):>8}{r['calls']:>7}{r['failed_calls']:>8}{r['wrong_calls']:>7}")
     return "\n".join(lines)
 
@@ -148,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--check-every", type=int, default=4, help="check every n-th call against the oracle")
     p.add_argument("--steady-s", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers-per-step", type=int, default=0,
+                   help="also run a layerwise arm: its rebalance migrates this many MoE layers per commit (0: no)")
     p.add_argument("--json", default=None)
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
@@ -167,9 +193,10 @@ def main(argv=None) -> int:
     reader = CheckpointReader(str(ckpt), spec, "deepseek")
     rows, logs = [], []
     with ElasticEPCluster(cfg, ray_init_kwargs=None if cuda else {"num_cpus": 2}) as cluster:
-        for stw in (False, True):
-            victim = sorted(cluster.status()["ranks"])[0]
-            row, log = run_arm(cluster, oracle, reader, args, stw, victim)
+        arms = [(False, 0)] + ([(False, args.layers_per_step)] if args.layers_per_step else []) + [(True, 0)]
+        for i, (stw, lps) in enumerate(arms):
+            victim = None if lps else sorted(cluster.status()["ranks"])[0]
+            row, log = run_arm(cluster, oracle, reader, args, stw, victim, layers_per_step=lps, seed=i)
             rows.append(row)
             logs.append(log)
     print(f"serving through faults: {args.device}, {ranks} rank(s) x {slots} slots, {spec.num_layers} layers x "

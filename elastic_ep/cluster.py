@@ -234,15 +234,22 @@ class ElasticEPCluster:
         """
         return self._call("drain", rank)
 
-    def rebalance(self, load=None) -> dict:
+    def rebalance(self, load=None, layers_per_step: Optional[int] = None) -> dict:
         """Re-place experts by the recorded load, or by ``load`` [num_layers, num_experts] when given.
+
+        layers_per_step: MoE layers migrated per commit (None: ``ClusterConfig.layers_per_step``;
+        0: the whole model in one commit); the report's ``migration_steps``, ``commits`` and
+        ``staging_peak_bytes`` say how it went.
 
         Returns a report of what moved and each phase's time. Calls from several threads
         run one after the other, never interleaved. If the controller dies mid-way the
         call is retried on the restarted controller, which first rolls the interrupted
         one back or forward (see actors/controller.py, "Commit protocol").
         """
-        return self._call("rebalance", None if load is None else np.asarray(load))
+        lps = self.config.layers_per_step if layers_per_step is None else layers_per_step
+        steps = -(-self.config.model.num_layers // lps) if isinstance(lps, int) and lps > 0 else 1
+        limit = steps * (self.config.call_timeout_s + 2 * self.config.transfer_timeout_s)  # a bound per commit
+        return self._call("rebalance", None if load is None else np.asarray(load), layers_per_step, timeout=limit)
 
     def recover(self) -> dict:
         """Heal dead ranks now (the controller also does this on its own when auto_recover is on)."""

@@ -139,6 +139,10 @@ class ClusterConfig:
     transfer_timeout_s: float = 30.0  # bound on one transfer phase; peers are aborted after it
     startup_timeout_s: float = 120.0  # bound on starting and loading one worker
     load_window: int = 8  # load reports kept in the sliding window for rebalance()
+    # MoE layers a rebalance migrates per commit (elastic_ep.migration): staging then holds one
+    # step's slots and each commit swaps a few layers between serving calls. 0: the whole model
+    # in one commit. Only rebalances that change no membership and read nothing from storage.
+    layers_per_step: int = 0
     max_restarts: int = 0  # Ray actor restarts per worker (0: replace from spares instead)
     auto_recover: bool = True  # the controller heals a dead rank on its own as soon as it notices
     state_dir: Optional[str] = None  # where the controller persists layout/epoch/membership
@@ -179,6 +183,9 @@ class ClusterConfig:
             raise ConfigError(f"gpu_fractions must be in (0, 8], got {self.gpu_fractions}")
         if not 0 <= self.staging_reserve <= 4:
             raise ConfigError(f"staging_reserve must be in [0, 4], got {self.staging_reserve}")
+        if isinstance(self.layers_per_step, bool) or not isinstance(self.layers_per_step, int) \
+                or self.layers_per_step < 0:
+            raise ConfigError(f"layers_per_step must be an int >= 0, got {self.layers_per_step!r}")
         if self.load_window <= 0:
             raise ConfigError(f"load_window must be >= 1, got {self.load_window}")
 

@@ -107,6 +107,13 @@ class StagedUpdate:
     bytes_received: int = 0
     bytes_fetched: int = 0
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held until the commit: packed batches (received, relayed, read) and loose slots (copies)."""
+        packed = {(layer, slot) for batch in self.batches for layer, slot, _ in batch.meta.tolist()}
+        loose = sum(row.numel() * row.element_size() for key, (row, _) in self.slots.items() if key not in packed)
+        return sum(batch.data.numel() * batch.data.element_size() for batch in self.batches) + loose
+
     def add_batch(self, flat: torch.Tensor, meta: np.ndarray, sums: Optional[torch.Tensor] = None) -> None:
         """Stage a packed message ``flat`` (1-D bytes); its rows become views in ``slots``. Starts fingerprinting."""
         data = flat.view(len(meta), self.row_bytes)

@@ -13,6 +13,9 @@ class RebalanceReport:
     phases: seconds per step of the controller's state machine, keyed by ``elastic_ep.faults.Step``
     values (detect, decide, plan, communicators, transfer, verify, persist, commit, replenish).
     bytes_p2p / bytes_from_backup / bytes_from_checkpoint: where the moved weights came from.
+    migration_steps / commits: steps the move was cut into (1: the whole model at once; more: layerwise,
+    see ``elastic_ep.migration``) and commits made; staging_peak_bytes: rank -> the most bytes it
+    staged at once (received, read or copied, held until a commit).
     """
 
     reason: str
@@ -38,11 +41,15 @@ class RebalanceReport:
     committed_at: Optional[float] = None  # wall-clock time (time.time()) the new layout became live
     released: list[str] = field(default_factory=list)  # workers let go (shrink beyond the spare pool, drain)
     safe_to_terminate_at: Optional[float] = None  # drain: wall clock from which the released process may end
+    migration_steps: int = 0
+    commits: int = 0
+    staging_peak_bytes: dict[int, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["replaced"] = {str(k): v for k, v in self.replaced.items()}
         d["worker_timings"] = {str(k): v for k, v in self.worker_timings.items()}
+        d["staging_peak_bytes"] = {str(k): v for k, v in self.staging_peak_bytes.items()}
         return d
 
     @property
@@ -85,6 +92,9 @@ def format_report(d: dict) -> str:
             f"  plan: keep {plan.get('keeps')}, copy {plan.get('copies')}, receive {plan.get('transfers')}, "
             f"fetch {plan.get('fetches')} in {plan.get('stages')} stages"
         )
+    if d.get("migration_steps", 0) > 1 or d.get("staging_peak_bytes"):
+        lines.append(f"  migration: {d.get('commits', 0)} of {d.get('migration_steps', 0)} steps committed, peak staging "
+                     f"per rank {human_bytes(max(d.get('staging_peak_bytes', {}).values(), default=0))}")
     if d.get("balance"):
         lines.append("  balance (max/mean rank load): " + ", ".join(f"{k} {v:.3f}" for k, v in d["balance"].items()))
     if d.get("replaced"):

@@ -42,12 +42,12 @@ def test_balance_package_is_listed():
 
 def test_planning_core_imports_no_ray_or_torch():
     _check(["elastic_ep.layout", *BALANCE, "elastic_ep.plan", "elastic_ep.decide", "elastic_ep.serving.dispatch",
-            "elastic_ep.serving_stats", "elastic_ep.degraded"])
+            "elastic_ep.serving_stats", "elastic_ep.degraded", "elastic_ep.migration"])
 
 
 @pytest.mark.parametrize("module", ["elastic_ep", "elastic_ep.errors", "elastic_ep.layout", *BALANCE, "elastic_ep.plan",
                                     "elastic_ep.decide", "elastic_ep.serving.dispatch", "elastic_ep.serving_stats",
-                                    "elastic_ep.degraded"])
+                                    "elastic_ep.degraded", "elastic_ep.migration"])
 def test_each_pure_module_alone(module):
     _check([module])
 
