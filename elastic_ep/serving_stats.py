@@ -16,10 +16,20 @@ clock ``time.time()`` by default, because marks come from other processes):
   successful call that started at or after ``k`` (the first call issued after
   the death that was served). The kill is *recovered* when (b) exists;
   otherwise ``e`` is the end of the log.
-- kill gap: the longest completion gap that overlaps the open interval ``(k, e)``.
-  Where no completion precedes ``k`` the gap starts at ``k``; an unrecovered
-  kill's gap runs from the last completion to the end of the log (open gap); a
-  window of one instant (a fresh call served at ``k`` itself) has a gap of 0.
+- owner of a completion gap ``(a, b)``: the nearest kill at or before ``a`` if its
+  window is still open at ``a`` (serving stalled while that kill's recovery ran),
+  else the first kill in ``(a, b]`` (the kill that interrupted serving), else none.
+  Each gap has at most one owner, so kills close together (overlapping or adjacent
+  windows, as in chaos where each step's kill mark follows the last one's commit)
+  never share one gap.
+- kill gap: the longest completion gap that overlaps the open interval ``(k, e)``
+  and that the kill owns. Where no completion precedes ``k`` the gap starts at
+  ``k``; an unrecovered kill's gap runs from the last completion to the end of the
+  log (open gap); a window of one instant (a fresh call served at ``k`` itself) has
+  a gap of 0. A kill that falls inside a gap owned by an earlier kill reports that
+  kill's time as ``in_gap_of``, and as its own gap only the longest gap it owns (0
+  if none); ``kills_in_gap`` counts the kill marks inside a kill's gap (> 1: the gap
+  spans later kills too, which report ``in_gap_of``).
 - rebalance window: a ``rebalance_start`` mark to the next ``rebalance_commit``
   mark (or the end of the log, ``committed=False``).
 - steady state: calls whose ``[t_start_s, t_end_s]`` touches no kill or
@@ -59,7 +69,8 @@ class CallRecord:
 
     error: the failure's kind (e.g. the exception class name) when ``ok`` is False, else None.
     epoch: the committed layout epoch the call used (-1 when unknown).
-    retried_tokens: tokens re-sent to a surviving replica within the call.
+    retried_tokens: tokens with a (token, expert) pair re-sent within the call (a rank died under it,
+    or the epoch changed after it was computed); retried_pairs: the pairs re-sent (each re-sending counts).
     degraded_tokens: tokens served over fewer than their top-k experts (degraded mode).
     wrong: True/False when checked against the oracle, None when not checked.
     """
@@ -73,13 +84,14 @@ class CallRecord:
     retried_tokens: int = 0
     degraded_tokens: int = 0
     wrong: Optional[bool] = None
+    retried_pairs: int = 0
 
     def __post_init__(self):
         if not (math.isfinite(self.t_start_s) and math.isfinite(self.t_end_s)):
             raise ServingStatsError(f"call times must be finite, got {self.t_start_s}..{self.t_end_s}")
         if self.t_end_s < self.t_start_s:
             raise ServingStatsError(f"call ends before it starts: t_end_s={self.t_end_s} < t_start_s={self.t_start_s}")
-        for name in ("tokens", "retried_tokens", "degraded_tokens"):
+        for name in ("tokens", "retried_tokens", "degraded_tokens", "retried_pairs"):
             if getattr(self, name) < 0:
                 raise ServingStatsError(f"{name}={getattr(self, name)} is negative")
         if self.ok != (self.error is None):
@@ -239,24 +251,48 @@ class KillStats:
     commit_after_s: Optional[float]  # first commit mark after the kill, minus the kill
     window_end_s: float
     recovered: bool  # a call started after the kill was served
-    gap: Gap
+    gap: Gap  # the longest gap this kill owns (see the module docstring)
     calls: int  # calls touching the kill window
     failed_calls: int
     latency_p50_s: Optional[float]  # of the successful calls touching the window
     latency_p99_s: Optional[float]
+    in_gap_of: Optional[float] = None  # the earlier kill owning the gap this kill fell in
+    kills_in_gap: int = 0  # kill marks inside [gap.start_s, gap.end_s] (0 for a gap of 0)
+
+
+def gap_owners(starts: np.ndarray, ends: np.ndarray, kills: np.ndarray, window_ends: np.ndarray) -> np.ndarray:
+    """The kill owning each gap (see the module docstring): [num_gaps] index into ``kills``, -1 for none.
+
+    starts, ends: [num_gaps] the gaps' bounds; kills: [num_kills] kill times, ascending;
+    window_ends: [num_kills] each kill's window end.
+    """
+    if not len(kills):
+        return np.full(len(starts), -1, dtype=np.int64)
+    before = np.searchsorted(kills, starts, side="right") - 1  # the latest kill <= start (-1: none)
+    ongoing = (before >= 0) & (window_ends[np.maximum(before, 0)] > starts)
+    after = before + 1  # the first kill > start, owning the gap if it comes by the gap's end
+    inside = (after < len(kills)) & (kills[np.minimum(after, len(kills) - 1)] <= ends)
+    return np.where(ongoing, before, np.where(inside, after, -1))
+
+
+def kill_window(calls: Calls, marks: Sequence[EventMark], k: float) -> tuple[float, bool]:
+    """(the window's end, recovered) of a kill at ``k`` (see the module docstring)."""
+    t = CallTable.of(calls)
+    fresh = t.end[t.ok & (t.start >= k)]
+    commit = _first_after(marks, "commit", k)
+    if len(fresh):
+        return max(float(fresh.min()), commit if commit is not None else -np.inf), True
+    return max(_log_end(t, marks), k), False
 
 
 def kill_stats(calls: Calls, marks: Sequence[EventMark], kill: EventMark) -> KillStats:
-    """Measure the serving gap, failures and latency in one kill's window."""
+    """Measure the serving gap, failures and latency in one kill's window (gaps shared out among ``marks``' kills)."""
     t, k = CallTable.of(calls), kill.t_s
-    fresh = t.end[t.ok & (t.start >= k)]
+    kills = np.unique([m.t_s for m in marks if m.kind == "kill"] + [k])
+    window_ends = np.array([kill_window(t, marks, x)[0] for x in kills])
     commit = _first_after(marks, "commit", k)
     detect = _first_after(marks, "detect", k)
-    recovered = bool(len(fresh))
-    if recovered:
-        end = max(float(fresh.min()), commit if commit is not None else -np.inf)
-    else:
-        end = max(_log_end(t, marks), k)
+    end, recovered = kill_window(t, marks, k)
     cut = int(np.searchsorted(t.done, k, side="right"))  # t.done[:cut] <= k < t.done[cut:]
     last = int(np.searchsorted(t.done, end, side="left"))  # t.done[last] is the first completion >= end
     seq = np.concatenate([[t.done[cut - 1] if cut else k], t.done[cut:last + 1]])
@@ -264,9 +300,17 @@ def kill_stats(calls: Calls, marks: Sequence[EventMark], kill: EventMark) -> Kil
         seq = np.append(seq, end)  # open gap: nothing was served up to the window's end
     # the interval (seq[i], seq[i+1]) overlaps (k, end) when seq[i] < end (seq[i+1] > k holds by construction)
     starts, ends = seq[:-1], seq[1:]
-    lengths = np.where(starts < end, ends - starts, -1.0)
+    owners = gap_owners(starts, ends, kills, window_ends)
+    own = owners == int(np.searchsorted(kills, k))
+    lengths = np.where((starts < end) & own, ends - starts, -1.0)
     i = int(np.argmax(lengths)) if len(lengths) else 0
-    gap = Gap(float(starts[i]), float(ends[i])) if len(lengths) and lengths[i] >= 0 else Gap(float(end), float(end))
+    holds_k = bool(len(starts)) and starts[0] <= k < ends[0]  # the first interval is the one the kill fell in
+    if len(lengths) and lengths[i] >= 0:
+        gap = Gap(float(starts[i]), float(ends[i]))
+    else:
+        gap = Gap(float(k), float(k)) if holds_k else Gap(float(end), float(end))
+    in_gap_of = float(kills[owners[0]]) if holds_k and owners[0] >= 0 and not own[0] else None
+    inside_gap = int(((kills >= gap.start_s) & (kills <= gap.end_s)).sum()) if gap.length_s > 0 else 0
     inside = t.touching(k, end)
     lat = (t.end - t.start)[inside & t.ok]
     return KillStats(
@@ -276,6 +320,7 @@ def kill_stats(calls: Calls, marks: Sequence[EventMark], kill: EventMark) -> Kil
         window_end_s=float(end), recovered=recovered, gap=gap,
         calls=int(inside.sum()), failed_calls=int((inside & ~t.ok).sum()),
         latency_p50_s=percentile(lat, 50), latency_p99_s=percentile(lat, 99),
+        in_gap_of=in_gap_of, kills_in_gap=inside_gap,
     )
 
 
