@@ -411,6 +411,7 @@ class ServingSummary:
     steady_tokens_per_s: Optional[float]
     kills: tuple[KillStats, ...]
     rebalances: tuple[WindowThroughput, ...]
+    retried_pairs: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -458,6 +459,7 @@ def summarize(calls: Sequence[CallRecord], marks: Sequence[EventMark] = (), *, m
         checked_calls=sum(c.wrong is not None for c in calls), wrong_calls=sum(c.wrong is True for c in calls),
         tokens_served=int(table.tokens[table.ok].sum()), retried_tokens=sum(c.retried_tokens for c in calls),
         degraded_tokens=sum(c.degraded_tokens for c in calls), dropped_calls=dropped_calls,
+        retried_pairs=sum(c.retried_pairs for c in calls),
         longest_gap=longest_gap(table), steady_calls=int(steady.sum()),
         steady_p50_s=percentile(steady_lat, 50), steady_p99_s=percentile(steady_lat, 99),
         steady_tokens_per_s=steady_tps, kills=kills, rebalances=tuple(reb_stats),
@@ -474,7 +476,8 @@ def _format(s: ServingSummary) -> str:
     lines = [
         f"serving: {s.calls} calls over {s.span_s:.2f} s, {s.ok_calls} served, {s.failed_calls} failed"
         + (f" ({failed})" if failed else "") + f", {s.wrong_calls} wrong of {s.checked_calls} checked",
-        f"tokens: {s.tokens_served:,} served, {s.retried_tokens:,} retried, {s.degraded_tokens:,} degraded"
+        f"tokens: {s.tokens_served:,} served, {s.retried_tokens:,} retried ({s.retried_pairs:,} pairs re-sent), "
+        f"{s.degraded_tokens:,} degraded"
         + (f"; {s.dropped_calls} older calls dropped from the log" if s.dropped_calls else ""),
         f"steady: {s.steady_calls} calls, p50 {_ms(s.steady_p50_s)} ms, p99 {_ms(s.steady_p99_s)} ms, {tps} tokens/s",
     ]
@@ -487,7 +490,9 @@ def _format(s: ServingSummary) -> str:
         for k in s.kills:
             lines.append(f"{k.t_kill_s - s.t0_s:9.3f} {k.label[:10]:>10} {_ms(k.detect_after_s):>9} {_ms(k.commit_after_s):>9} "
                          f"{_ms(k.gap.length_s):>8} {_ms(k.latency_p50_s):>7} {_ms(k.latency_p99_s):>7} "
-                         f"{k.calls:6d} {k.failed_calls:6d} {'yes' if k.recovered else 'NO'}")
+                         f"{k.calls:6d} {k.failed_calls:6d} {'yes' if k.recovered else 'NO'}"
+                         + (f" (in the gap of the kill at {k.in_gap_of - s.t0_s:.3f})" if k.in_gap_of is not None else "")
+                         + (f" (gap spans {k.kills_in_gap} kills)" if k.kills_in_gap > 1 else ""))
     if s.rebalances:
         lines.append(f"{'rebal t_s':>9} {'label':>10} {'dur_ms':>9} {'tokens/s':>12} {'vs steady':>9} committed")
         for r in s.rebalances:

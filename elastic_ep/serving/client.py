@@ -58,8 +58,9 @@ class MoEClient:
     """A long-lived serving handle: ``client.moe(layer, hidden_states, topk_ids, topk_weights)``.
 
     get_view: returns the controller's current CommittedView (a remote call).
-    view_max_age_s: a view older than this is re-read before the next call (0: every call);
-    a stale one is harmless, since ranks reject a call planned on another epoch.
+    view_max_age_s: a view older than this is re-read in the background (0: after every call),
+    calls going on with the held one meanwhile; a stale one is harmless, since ranks reject a
+    call planned on another epoch (the call then re-reads it at once).
     unavailable_timeout_s: how long a call whose experts have no live replica waits for the
     recovery's commit (polling the view) before ExpertsUnavailableError names them.
     degraded: opt-in; such tokens are instead served over their remaining top-k experts,
@@ -90,21 +91,43 @@ class MoEClient:
         self._lock = threading.Lock()
         self._view: Optional[CommittedView] = None
         self._view_time = 0.0
+        self._refreshing = False  # a background view refresh is in flight
         self._rotation = 0
         self._masked: tuple[int, frozenset] = (-1, frozenset())  # (epoch, ranks seen dying under it)
         self.stats = ServingStats()
 
     def view(self, refresh: bool = False) -> CommittedView:
-        """The committed view calls are planned on (re-read when stale or asked)."""
+        """The committed view calls are planned on.
+
+        A view older than ``view_max_age_s`` is re-read in the background while calls go on with
+        the one held (a stale view is harmless: ranks reject another epoch, and a call that hits
+        one re-reads here with ``refresh``), so a controller that is slow or restarting never
+        stalls serving while the ranks serve the epoch held. The first view and ``refresh``
+        read at once (the call needs them).
+        """
         with self._lock:
-            fresh = self._view is not None and time.monotonic() - self._view_time <= self.view_max_age_s
-            if fresh and not refresh:
-                return self._view
-        view = self._get_view()
+            held = self._view
+            if held is not None and not refresh:
+                if time.monotonic() - self._view_time > self.view_max_age_s and not self._refreshing:
+                    self._refreshing = True
+                    threading.Thread(target=self._refresh_in_background, daemon=True, name="moe-view-refresh").start()
+                return held
+        return self._store(self._get_view(), refresh)
+
+    def _store(self, view: CommittedView, forced: bool) -> CommittedView:
         with self._lock:
-            if self._view is None or view.epoch >= self._view.epoch or refresh:
+            if self._view is None or view.epoch >= self._view.epoch or forced:
                 self._view, self._view_time = view, time.monotonic()
             return self._view
+
+    def _refresh_in_background(self) -> None:
+        try:
+            self._store(self._get_view(), False)
+        except Exception:  # noqa: BLE001 - the controller is unreachable or restarting: keep serving the held view
+            pass
+        finally:
+            with self._lock:
+                self._refreshing = False
 
     def masked_ranks(self, view: CommittedView) -> frozenset:
         """Ranks not to plan on at ``view``'s epoch: dead in the view or seen dying by a call."""

@@ -142,3 +142,36 @@ def test_a_dead_ranks_pair_whose_expert_has_no_other_replica_names_only_that_exp
     with pytest.raises(ExpertsUnavailableError) as err:
         plan_dispatch(0, PHY2LOG[0], 4, (0, 1, 2), (1,), ids, 0, pending)
     assert err.value.experts == [(0, 4)]
+
+
+def test_a_due_view_refresh_runs_in_the_background_and_a_failing_one_keeps_the_held_view():
+    """A slow or restarting controller never stalls a call: the held view serves until a new one arrives."""
+    import threading
+
+    release, asked, done = threading.Event(), threading.Event(), threading.Event()
+    answers = [_view(3), "block", RuntimeError("controller restarting"), _view(5, dead=())]
+
+    def get_view():
+        answer = answers.pop(0)
+        asked.set()
+        if answer == "block":
+            assert release.wait(30)
+            answer = _view(4, dead=())
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    client = MoEClient(get_view, SMALL, view_max_age_s=3600.0)
+    original = client._refresh_in_background
+    client._refresh_in_background = lambda: (original(), done.set())
+    assert client.view().epoch == 3
+    client._view_time = float("-inf")  # due
+    assert client.view().epoch == 3  # a refresh starts in the background; the held view answers at once
+    assert asked.wait(30) and client.view().epoch == 3  # while the controller has not answered
+    release.set()
+    assert done.wait(30) and client.view().epoch == 4  # the background refresh landed
+    asked.clear(), done.clear()
+    client._view_time = float("-inf")
+    assert client.view().epoch == 4
+    assert done.wait(30) and client._view.epoch == 4  # the refresh failed: the held view stays
+    assert client.view(refresh=True).epoch == 5 and not answers  # a forced read asks the controller directly
