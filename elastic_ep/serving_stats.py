@@ -17,8 +17,9 @@ clock ``time.time()`` by default, because marks come from other processes):
   the death that was served). The kill is *recovered* when (b) exists;
   otherwise ``e`` is the end of the log.
 - owner of a completion gap ``(a, b)``: the nearest kill at or before ``a`` if its
-  window is still open at ``a`` (serving stalled while that kill's recovery ran),
-  else the first kill in ``(a, b]`` (the kill that interrupted serving), else none.
+  window is still open at ``a`` (serving stalled while that kill's recovery ran) and,
+  where a later kill falls in ``(a, b]``, still open at the gap's middle; else the
+  first kill in ``(a, b]`` (the kill that interrupted serving); else none.
   Each gap has at most one owner, so kills close together (overlapping or adjacent
   windows, as in chaos where each step's kill mark follows the last one's commit)
   never share one gap.
@@ -26,10 +27,10 @@ clock ``time.time()`` by default, because marks come from other processes):
   and that the kill owns. Where no completion precedes ``k`` the gap starts at
   ``k``; an unrecovered kill's gap runs from the last completion to the end of the
   log (open gap); a window of one instant (a fresh call served at ``k`` itself) has
-  a gap of 0. A kill that falls inside a gap owned by an earlier kill reports that
-  kill's time as ``in_gap_of``, and as its own gap only the longest gap it owns (0
-  if none); ``kills_in_gap`` counts the kill marks inside a kill's gap (> 1: the gap
-  spans later kills too, which report ``in_gap_of``).
+  a gap of 0. A kill reports as its gap only the longest gap it owns (0 if none);
+  ``kills_in_gap`` counts the kill marks inside a kill's gap (> 1: the gap spans
+  later kills too). In a summary, a kill that falls inside the gap an earlier kill
+  reports gives that kill's time as ``in_gap_of``.
 - rebalance window: a ``rebalance_start`` mark to the next ``rebalance_commit``
   mark (or the end of the log, ``committed=False``).
 - steady state: calls whose ``[t_start_s, t_end_s]`` touches no kill or
@@ -49,7 +50,7 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -256,7 +257,7 @@ class KillStats:
     failed_calls: int
     latency_p50_s: Optional[float]  # of the successful calls touching the window
     latency_p99_s: Optional[float]
-    in_gap_of: Optional[float] = None  # the earlier kill owning the gap this kill fell in
+    in_gap_of: Optional[float] = None  # in a summary: the earlier kill whose reported gap this kill fell in
     kills_in_gap: int = 0  # kill marks inside [gap.start_s, gap.end_s] (0 for a gap of 0)
 
 
@@ -269,9 +270,11 @@ def gap_owners(starts: np.ndarray, ends: np.ndarray, kills: np.ndarray, window_e
     if not len(kills):
         return np.full(len(starts), -1, dtype=np.int64)
     before = np.searchsorted(kills, starts, side="right") - 1  # the latest kill <= start (-1: none)
-    ongoing = (before >= 0) & (window_ends[np.maximum(before, 0)] > starts)
     after = before + 1  # the first kill > start, owning the gap if it comes by the gap's end
     inside = (after < len(kills)) & (kills[np.minimum(after, len(kills) - 1)] <= ends)
+    window_end = window_ends[np.maximum(before, 0)]
+    # the earlier kill's window must be open at the start, and at the middle if a later kill competes
+    ongoing = (before >= 0) & (window_end > starts) & (~inside | (window_end > (starts + ends) / 2))
     return np.where(ongoing, before, np.where(inside, after, -1))
 
 
@@ -304,12 +307,10 @@ def kill_stats(calls: Calls, marks: Sequence[EventMark], kill: EventMark) -> Kil
     own = owners == int(np.searchsorted(kills, k))
     lengths = np.where((starts < end) & own, ends - starts, -1.0)
     i = int(np.argmax(lengths)) if len(lengths) else 0
-    holds_k = bool(len(starts)) and starts[0] <= k < ends[0]  # the first interval is the one the kill fell in
     if len(lengths) and lengths[i] >= 0:
         gap = Gap(float(starts[i]), float(ends[i]))
     else:
-        gap = Gap(float(k), float(k)) if holds_k else Gap(float(end), float(end))
-    in_gap_of = float(kills[owners[0]]) if holds_k and owners[0] >= 0 and not own[0] else None
+        gap = Gap(float(k), float(k)) if len(starts) and starts[0] <= k < ends[0] else Gap(float(end), float(end))
     inside_gap = int(((kills >= gap.start_s) & (kills <= gap.end_s)).sum()) if gap.length_s > 0 else 0
     inside = t.touching(k, end)
     lat = (t.end - t.start)[inside & t.ok]
@@ -320,7 +321,7 @@ def kill_stats(calls: Calls, marks: Sequence[EventMark], kill: EventMark) -> Kil
         window_end_s=float(end), recovered=recovered, gap=gap,
         calls=int(inside.sum()), failed_calls=int((inside & ~t.ok).sum()),
         latency_p50_s=percentile(lat, 50), latency_p99_s=percentile(lat, 99),
-        in_gap_of=in_gap_of, kills_in_gap=inside_gap,
+        kills_in_gap=inside_gap,
     )
 
 
@@ -438,6 +439,8 @@ def summarize(calls: Sequence[CallRecord], marks: Sequence[EventMark] = (), *, m
     end = _log_end(table, marks)
     t0 = min([float(table.start.min())] + [m.t_s for m in marks])
     kills = tuple(kill_stats(table, marks, m) for m in marks if m.kind == "kill")
+    kills = tuple(replace(k, in_gap_of=next((o.t_kill_s for o in kills if o.t_kill_s < k.t_kill_s
+                                             and o.gap.start_s <= k.t_kill_s < o.gap.end_s), None)) for k in kills)
     rebs = rebalance_windows(marks, end)
     windows = [(k.t_kill_s, k.window_end_s) for k in kills] + [(a, b) for a, b, _, _ in rebs]
     steady = steady_mask(table, windows, margin_s)

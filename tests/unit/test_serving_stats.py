@@ -347,9 +347,10 @@ def test_no_two_kills_report_one_gap(calls, events):
     assert len(own) == len({(a, b) for _, a, b in own})
     kill_times = [m.t_s for m in marks if m.kind == "kill"]
     for k in s.kills:
-        if k.in_gap_of is not None:  # it fell in an earlier kill's gap, which it does not report as its own
+        if k.in_gap_of is not None:  # it fell in the gap an earlier kill reports, which it does not report again
             owner = next(o for o in s.kills if o.t_kill_s == k.in_gap_of)
-            assert owner.t_kill_s < k.t_kill_s and (k.gap.length_s == 0 or k.gap != owner.gap)
+            assert owner.t_kill_s < k.t_kill_s and owner.gap.start_s <= k.t_kill_s < owner.gap.end_s
+            assert k.gap.length_s == 0 or k.gap != owner.gap
         if k.gap.length_s > 0:
             assert k.kills_in_gap == sum(k.gap.start_s <= t <= k.gap.end_s for t in set(kill_times))
 
