@@ -461,9 +461,15 @@ def _serving_summary(log, stream) -> dict:
     return {
         "calls": s.calls, "wrong_outputs": s.wrong_calls, "checked_calls": s.checked_calls,
         "failed_calls": s.failed_calls, "failed_by_kind": dict(s.failed_by_kind), "retried_tokens": s.retried_tokens,
+        "retried_pairs": s.retried_pairs,
         "longest_gap_s": r(s.longest_gap.length_s) if s.longest_gap is not None else None,
         "steady_p50_s": r(s.steady_p50_s), "steady_p99_s": r(s.steady_p99_s),
+        # each gap counted once, at the kill that owns it (elastic_ep.serving_stats)
+        "kill_gap_s": _percentiles([k.gap.length_s for k in s.kills]),
+        "kills_in_earlier_gap": sum(k.in_gap_of is not None for k in s.kills),
         "kills": [{"scenario": k.label, "gap_s": r(k.gap.length_s), "p50_s": r(k.latency_p50_s),
-                   "p99_s": r(k.latency_p99_s), "failed_calls": k.failed_calls, "recovered": k.recovered}
+                   "p99_s": r(k.latency_p99_s), "failed_calls": k.failed_calls, "recovered": k.recovered,
+                   "kills_in_gap": k.kills_in_gap,
+                   "in_gap_of": None if k.in_gap_of is None else r(k.in_gap_of - s.t0_s)}
                   for k in s.kills],
     }

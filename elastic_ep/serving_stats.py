@@ -16,10 +16,21 @@ clock ``time.time()`` by default, because marks come from other processes):
   successful call that started at or after ``k`` (the first call issued after
   the death that was served). The kill is *recovered* when (b) exists;
   otherwise ``e`` is the end of the log.
-- kill gap: the longest completion gap that overlaps the open interval ``(k, e)``.
-  Where no completion precedes ``k`` the gap starts at ``k``; an unrecovered
-  kill's gap runs from the last completion to the end of the log (open gap); a
-  window of one instant (a fresh call served at ``k`` itself) has a gap of 0.
+- owner of a completion gap ``(a, b)``: the nearest kill at or before ``a`` if its
+  window is still open at ``a`` (serving stalled while that kill's recovery ran) and,
+  where a later kill falls in ``(a, b]``, still open at the gap's middle; else the
+  first kill in ``(a, b]`` (the kill that interrupted serving); else none.
+  Each gap has at most one owner, so kills close together (overlapping or adjacent
+  windows, as in chaos where each step's kill mark follows the last one's commit)
+  never share one gap.
+- kill gap: the longest completion gap that overlaps the open interval ``(k, e)``
+  and that the kill owns. Where no completion precedes ``k`` the gap starts at
+  ``k``; an unrecovered kill's gap runs from the last completion to the end of the
+  log (open gap); a window of one instant (a fresh call served at ``k`` itself) has
+  a gap of 0. A kill reports as its gap only the longest gap it owns (0 if none);
+  ``kills_in_gap`` counts the kill marks inside a kill's gap (> 1: the gap spans
+  later kills too). In a summary, a kill that falls inside the gap an earlier kill
+  reports gives that kill's time as ``in_gap_of``.
 - rebalance window: a ``rebalance_start`` mark to the next ``rebalance_commit``
   mark (or the end of the log, ``committed=False``).
 - steady state: calls whose ``[t_start_s, t_end_s]`` touches no kill or
@@ -39,7 +50,7 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -59,7 +70,8 @@ class CallRecord:
 
     error: the failure's kind (e.g. the exception class name) when ``ok`` is False, else None.
     epoch: the committed layout epoch the call used (-1 when unknown).
-    retried_tokens: tokens re-sent to a surviving replica within the call.
+    retried_tokens: tokens with a (token, expert) pair re-sent within the call (a rank died under it,
+    or the epoch changed after it was computed); retried_pairs: the pairs re-sent (each re-sending counts).
     degraded_tokens: tokens served over fewer than their top-k experts (degraded mode).
     wrong: True/False when checked against the oracle, None when not checked.
     """
@@ -73,13 +85,14 @@ class CallRecord:
     retried_tokens: int = 0
     degraded_tokens: int = 0
     wrong: Optional[bool] = None
+    retried_pairs: int = 0
 
     def __post_init__(self):
         if not (math.isfinite(self.t_start_s) and math.isfinite(self.t_end_s)):
             raise ServingStatsError(f"call times must be finite, got {self.t_start_s}..{self.t_end_s}")
         if self.t_end_s < self.t_start_s:
             raise ServingStatsError(f"call ends before it starts: t_end_s={self.t_end_s} < t_start_s={self.t_start_s}")
-        for name in ("tokens", "retried_tokens", "degraded_tokens"):
+        for name in ("tokens", "retried_tokens", "degraded_tokens", "retried_pairs"):
             if getattr(self, name) < 0:
                 raise ServingStatsError(f"{name}={getattr(self, name)} is negative")
         if self.ok != (self.error is None):
@@ -239,24 +252,50 @@ class KillStats:
     commit_after_s: Optional[float]  # first commit mark after the kill, minus the kill
     window_end_s: float
     recovered: bool  # a call started after the kill was served
-    gap: Gap
+    gap: Gap  # the longest gap this kill owns (see the module docstring)
     calls: int  # calls touching the kill window
     failed_calls: int
     latency_p50_s: Optional[float]  # of the successful calls touching the window
     latency_p99_s: Optional[float]
+    in_gap_of: Optional[float] = None  # in a summary: the earlier kill whose reported gap this kill fell in
+    kills_in_gap: int = 0  # kill marks inside [gap.start_s, gap.end_s] (0 for a gap of 0)
+
+
+def gap_owners(starts: np.ndarray, ends: np.ndarray, kills: np.ndarray, window_ends: np.ndarray) -> np.ndarray:
+    """The kill owning each gap (see the module docstring): [num_gaps] index into ``kills``, -1 for none.
+
+    starts, ends: [num_gaps] the gaps' bounds; kills: [num_kills] kill times, ascending;
+    window_ends: [num_kills] each kill's window end.
+    """
+    if not len(kills):
+        return np.full(len(starts), -1, dtype=np.int64)
+    before = np.searchsorted(kills, starts, side="right") - 1  # the latest kill <= start (-1: none)
+    after = before + 1  # the first kill > start, owning the gap if it comes by the gap's end
+    inside = (after < len(kills)) & (kills[np.minimum(after, len(kills) - 1)] <= ends)
+    window_end = window_ends[np.maximum(before, 0)]
+    # the earlier kill's window must be open at the start, and at the middle if a later kill competes
+    ongoing = (before >= 0) & (window_end > starts) & (~inside | (window_end > (starts + ends) / 2))
+    return np.where(ongoing, before, np.where(inside, after, -1))
+
+
+def kill_window(calls: Calls, marks: Sequence[EventMark], k: float) -> tuple[float, bool]:
+    """(the window's end, recovered) of a kill at ``k`` (see the module docstring)."""
+    t = CallTable.of(calls)
+    fresh = t.end[t.ok & (t.start >= k)]
+    commit = _first_after(marks, "commit", k)
+    if len(fresh):
+        return max(float(fresh.min()), commit if commit is not None else -np.inf), True
+    return max(_log_end(t, marks), k), False
 
 
 def kill_stats(calls: Calls, marks: Sequence[EventMark], kill: EventMark) -> KillStats:
-    """Measure the serving gap, failures and latency in one kill's window."""
+    """Measure the serving gap, failures and latency in one kill's window (gaps shared out among ``marks``' kills)."""
     t, k = CallTable.of(calls), kill.t_s
-    fresh = t.end[t.ok & (t.start >= k)]
+    kills = np.unique([m.t_s for m in marks if m.kind == "kill"] + [k])
+    window_ends = np.array([kill_window(t, marks, x)[0] for x in kills])
     commit = _first_after(marks, "commit", k)
     detect = _first_after(marks, "detect", k)
-    recovered = bool(len(fresh))
-    if recovered:
-        end = max(float(fresh.min()), commit if commit is not None else -np.inf)
-    else:
-        end = max(_log_end(t, marks), k)
+    end, recovered = kill_window(t, marks, k)
     cut = int(np.searchsorted(t.done, k, side="right"))  # t.done[:cut] <= k < t.done[cut:]
     last = int(np.searchsorted(t.done, end, side="left"))  # t.done[last] is the first completion >= end
     seq = np.concatenate([[t.done[cut - 1] if cut else k], t.done[cut:last + 1]])
@@ -264,9 +303,15 @@ def kill_stats(calls: Calls, marks: Sequence[EventMark], kill: EventMark) -> Kil
         seq = np.append(seq, end)  # open gap: nothing was served up to the window's end
     # the interval (seq[i], seq[i+1]) overlaps (k, end) when seq[i] < end (seq[i+1] > k holds by construction)
     starts, ends = seq[:-1], seq[1:]
-    lengths = np.where(starts < end, ends - starts, -1.0)
+    owners = gap_owners(starts, ends, kills, window_ends)
+    own = owners == int(np.searchsorted(kills, k))
+    lengths = np.where((starts < end) & own, ends - starts, -1.0)
     i = int(np.argmax(lengths)) if len(lengths) else 0
-    gap = Gap(float(starts[i]), float(ends[i])) if len(lengths) and lengths[i] >= 0 else Gap(float(end), float(end))
+    if len(lengths) and lengths[i] >= 0:
+        gap = Gap(float(starts[i]), float(ends[i]))
+    else:
+        gap = Gap(float(k), float(k)) if len(starts) and starts[0] <= k < ends[0] else Gap(float(end), float(end))
+    inside_gap = int(((kills >= gap.start_s) & (kills <= gap.end_s)).sum()) if gap.length_s > 0 else 0
     inside = t.touching(k, end)
     lat = (t.end - t.start)[inside & t.ok]
     return KillStats(
@@ -276,6 +321,7 @@ def kill_stats(calls: Calls, marks: Sequence[EventMark], kill: EventMark) -> Kil
         window_end_s=float(end), recovered=recovered, gap=gap,
         calls=int(inside.sum()), failed_calls=int((inside & ~t.ok).sum()),
         latency_p50_s=percentile(lat, 50), latency_p99_s=percentile(lat, 99),
+        kills_in_gap=inside_gap,
     )
 
 
@@ -366,6 +412,7 @@ class ServingSummary:
     steady_tokens_per_s: Optional[float]
     kills: tuple[KillStats, ...]
     rebalances: tuple[WindowThroughput, ...]
+    retried_pairs: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -392,6 +439,8 @@ def summarize(calls: Sequence[CallRecord], marks: Sequence[EventMark] = (), *, m
     end = _log_end(table, marks)
     t0 = min([float(table.start.min())] + [m.t_s for m in marks])
     kills = tuple(kill_stats(table, marks, m) for m in marks if m.kind == "kill")
+    kills = tuple(replace(k, in_gap_of=next((o.t_kill_s for o in kills if o.t_kill_s < k.t_kill_s
+                                             and o.gap.start_s <= k.t_kill_s < o.gap.end_s), None)) for k in kills)
     rebs = rebalance_windows(marks, end)
     windows = [(k.t_kill_s, k.window_end_s) for k in kills] + [(a, b) for a, b, _, _ in rebs]
     steady = steady_mask(table, windows, margin_s)
@@ -413,6 +462,7 @@ def summarize(calls: Sequence[CallRecord], marks: Sequence[EventMark] = (), *, m
         checked_calls=sum(c.wrong is not None for c in calls), wrong_calls=sum(c.wrong is True for c in calls),
         tokens_served=int(table.tokens[table.ok].sum()), retried_tokens=sum(c.retried_tokens for c in calls),
         degraded_tokens=sum(c.degraded_tokens for c in calls), dropped_calls=dropped_calls,
+        retried_pairs=sum(c.retried_pairs for c in calls),
         longest_gap=longest_gap(table), steady_calls=int(steady.sum()),
         steady_p50_s=percentile(steady_lat, 50), steady_p99_s=percentile(steady_lat, 99),
         steady_tokens_per_s=steady_tps, kills=kills, rebalances=tuple(reb_stats),
@@ -429,7 +479,8 @@ def _format(s: ServingSummary) -> str:
     lines = [
         f"serving: {s.calls} calls over {s.span_s:.2f} s, {s.ok_calls} served, {s.failed_calls} failed"
         + (f" ({failed})" if failed else "") + f", {s.wrong_calls} wrong of {s.checked_calls} checked",
-        f"tokens: {s.tokens_served:,} served, {s.retried_tokens:,} retried, {s.degraded_tokens:,} degraded"
+        f"tokens: {s.tokens_served:,} served, {s.retried_tokens:,} retried ({s.retried_pairs:,} pairs re-sent), "
+        f"{s.degraded_tokens:,} degraded"
         + (f"; {s.dropped_calls} older calls dropped from the log" if s.dropped_calls else ""),
         f"steady: {s.steady_calls} calls, p50 {_ms(s.steady_p50_s)} ms, p99 {_ms(s.steady_p99_s)} ms, {tps} tokens/s",
     ]
@@ -442,7 +493,9 @@ def _format(s: ServingSummary) -> str:
         for k in s.kills:
             lines.append(f"{k.t_kill_s - s.t0_s:9.3f} {k.label[:10]:>10} {_ms(k.detect_after_s):>9} {_ms(k.commit_after_s):>9} "
                          f"{_ms(k.gap.length_s):>8} {_ms(k.latency_p50_s):>7} {_ms(k.latency_p99_s):>7} "
-                         f"{k.calls:6d} {k.failed_calls:6d} {'yes' if k.recovered else 'NO'}")
+                         f"{k.calls:6d} {k.failed_calls:6d} {'yes' if k.recovered else 'NO'}"
+                         + (f" (in the gap of the kill at {k.in_gap_of - s.t0_s:.3f})" if k.in_gap_of is not None else "")
+                         + (f" (gap spans {k.kills_in_gap} kills)" if k.kills_in_gap > 1 else ""))
     if s.rebalances:
         lines.append(f"{'rebal t_s':>9} {'label':>10} {'dur_ms':>9} {'tokens/s':>12} {'vs steady':>9} committed")
         for r in s.rebalances:

@@ -1,12 +1,15 @@
 """MoEClient: sends a layer call's tokens to the ranks holding their experts and combines what comes back.
 
 One call = one committed epoch: the client plans on one ``CommittedView`` and every
-rank checks the epoch under its serving lock; if any rank reports another epoch, or a
-rank dies, the whole call is discarded and re-planned on a fresh view (partial results
-of two epochs are never mixed). Each rank involved gets one remote call per layer call
-with its tokens once (Ray object store, zero-copy numpy on the CPU data path); every
-wait is bounded by ``call_timeout_s``. Safe to share between threads; several clients
-may serve at once.
+rank checks the epoch under its serving lock. When a rank dies mid-call, the partial
+sums of the ranks that answered are kept and only the dead rank's (token, expert) pairs
+are planned again over the live replicas, on the same epoch. Partial sums are kept only
+while the epoch is unchanged: if a rank reports another epoch, or the view moves to a new
+one (a recovery's commit), the whole call is planned again on the new epoch (partial
+results of two epochs are never mixed). Each rank involved gets one remote call per
+attempt with its tokens once (Ray object store, zero-copy numpy on the CPU data path);
+every wait is bounded by ``call_timeout_s``. Safe to share between threads; several
+clients may serve at once.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..errors import ExpertsUnavailableError, ServingError, ServingInputError, S
 from ..status import CommittedView
 from ..degraded import degrade_routing
 from ..serving_stats import CallRecord, ServingLog
-from .dispatch import DispatchPlan, check_call, live_replicas, plan_dispatch
+from .dispatch import DispatchPlan, RankDispatch, check_call, live_replicas, pairs_to_send, plan_dispatch
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -34,7 +37,9 @@ _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.floa
 class ServingStats:
     """What a client served: calls, failed calls, (token, expert) pairs, re-planned attempts, masked retries.
 
-    retried_tokens: tokens re-sent within their call because a rank died under them.
+    retried_pairs: (token, expert) pairs sent again within their call (a rank died under them, or
+    the epoch changed after they were computed); each sending beyond a pair's first counts.
+    retried_tokens: tokens with at least one pair sent again, once per call.
     degraded_tokens: tokens served over fewer than their top-k experts (degraded mode).
     """
 
@@ -43,6 +48,7 @@ class ServingStats:
     tokens: int = 0
     pairs: int = 0
     retries: int = 0
+    retried_pairs: int = 0
     retried_tokens: int = 0
     degraded_tokens: int = 0
     latencies_s: list = field(default_factory=list)  # per served call, in order (the last 10 000)
@@ -52,8 +58,9 @@ class MoEClient:
     """A long-lived serving handle: ``client.moe(layer, hidden_states, topk_ids, topk_weights)``.
 
     get_view: returns the controller's current CommittedView (a remote call).
-    view_max_age_s: a view older than this is re-read before the next call (0: every call);
-    a stale one is harmless, since ranks reject a call planned on another epoch.
+    view_max_age_s: a view older than this is re-read in the background (0: after every call),
+    calls going on with the held one meanwhile; a stale one is harmless, since ranks reject a
+    call planned on another epoch (the call then re-reads it at once).
     unavailable_timeout_s: how long a call whose experts have no live replica waits for the
     recovery's commit (polling the view) before ExpertsUnavailableError names them.
     degraded: opt-in; such tokens are instead served over their remaining top-k experts,
@@ -62,8 +69,8 @@ class MoEClient:
     ``elastic_ep.metrics.record_serving_call`` (None: no metrics).
 
     Masking: a rank is masked as soon as the view lists it dead or a call to it fails with
-    RayActorError, whichever comes first; the call is re-planned at once on the same epoch
-    without it (every pair of the call re-sent, never a mix of epochs).
+    RayActorError, whichever comes first; the dead rank's pairs are re-planned at once on the
+    same epoch without it, the other ranks' partial sums kept (never a mix of epochs).
     """
 
     def __init__(self, get_view: Callable[[], CommittedView], spec: ModelSpec, call_timeout_s: float = 30.0,
@@ -84,21 +91,43 @@ class MoEClient:
         self._lock = threading.Lock()
         self._view: Optional[CommittedView] = None
         self._view_time = 0.0
+        self._refreshing = False  # a background view refresh is in flight
         self._rotation = 0
         self._masked: tuple[int, frozenset] = (-1, frozenset())  # (epoch, ranks seen dying under it)
         self.stats = ServingStats()
 
     def view(self, refresh: bool = False) -> CommittedView:
-        """The committed view calls are planned on (re-read when stale or asked)."""
+        """The committed view calls are planned on.
+
+        A view older than ``view_max_age_s`` is re-read in the background while calls go on with
+        the one held (a stale view is harmless: ranks reject another epoch, and a call that hits
+        one re-reads here with ``refresh``), so a controller that is slow or restarting never
+        stalls serving while the ranks serve the epoch held. The first view and ``refresh``
+        read at once (the call needs them).
+        """
         with self._lock:
-            fresh = self._view is not None and time.monotonic() - self._view_time <= self.view_max_age_s
-            if fresh and not refresh:
-                return self._view
-        view = self._get_view()
+            held = self._view
+            if held is not None and not refresh:
+                if time.monotonic() - self._view_time > self.view_max_age_s and not self._refreshing:
+                    self._refreshing = True
+                    threading.Thread(target=self._refresh_in_background, daemon=True, name="moe-view-refresh").start()
+                return held
+        return self._store(self._get_view(), refresh)
+
+    def _store(self, view: CommittedView, forced: bool) -> CommittedView:
         with self._lock:
-            if self._view is None or view.epoch >= self._view.epoch or refresh:
+            if self._view is None or view.epoch >= self._view.epoch or forced:
                 self._view, self._view_time = view, time.monotonic()
             return self._view
+
+    def _refresh_in_background(self) -> None:
+        try:
+            self._store(self._get_view(), False)
+        except Exception:  # noqa: BLE001 - the controller is unreachable or restarting: keep serving the held view
+            pass
+        finally:
+            with self._lock:
+                self._refreshing = False
 
     def masked_ranks(self, view: CommittedView) -> frozenset:
         """Ranks not to plan on at ``view``'s epoch: dead in the view or seen dying by a call."""
@@ -144,7 +173,7 @@ class MoEClient:
 
     def _serve(self, layer: int, hidden_states: torch.Tensor, ids: np.ndarray, weights: np.ndarray,
                tally: "_CallTally") -> torch.Tensor:
-        """Plan, send and re-plan until served: masks dead ranks, waits (bounded) for lost experts."""
+        """Plan, send and re-plan until served: masks dead ranks, re-sends only what is missing, waits (bounded) for lost experts."""
         from .bits import to_bits
 
         bits = to_bits(hidden_states.detach().cpu())
@@ -153,35 +182,42 @@ class MoEClient:
             self._rotation += 1
         start = time.monotonic()
         deadline = start + self.call_timeout_s
+        sums = _PartialSums(*ids.shape, self.spec.hidden)
         refresh, last = False, None
-        while True:
-            view = self.view(refresh=refresh)
-            tally.epoch = view.epoch
-            refresh = False
-            try:
-                dead = self.masked_ranks(view)
-                row = view.phy2log[layer]
-                call_ids, call_weights, degraded = self._route(layer, row, view, dead, ids, weights)
-                plan = plan_dispatch(layer, row, view.slots_per_rank, view.ranks, dead, call_ids, rotation)
-                out = self._run(view, plan, bits, call_weights.astype(np.float32).ravel(), deadline)
-                tally.degraded_tokens = degraded
-                return out.to(hidden_states.dtype)
-            except _RankFailed as exc:  # mask at once and re-send on the same epoch: no sleep, no waiting
-                self._mask(view.epoch, exc.ranks)
-                tally.retried_tokens += exc.tokens
-                last = exc
-            except ExpertsUnavailableError as exc:  # no live replica: wait for the recovery's commit, bounded
-                if time.monotonic() - start >= self.unavailable_timeout_s:
-                    raise ExpertsUnavailableError(
-                        f"{exc} for {self.unavailable_timeout_s:.1f}s (no recovery committed)", exc.experts) from None
-                last, refresh = exc, True
-                time.sleep(self.retry_sleep_s)
-            except StaleEpochError as exc:  # another epoch committed: re-read the view
-                last, refresh = exc, True
-            tally.attempts += 1
-            if time.monotonic() + self.retry_sleep_s > deadline:
-                raise ServingError(f"layer {layer} call failed after {tally.attempts} attempts in "
-                                   f"{self.call_timeout_s:.1f}s: {last}")
+        try:
+            while True:
+                view = self.view(refresh=refresh)
+                tally.epoch = view.epoch
+                refresh = False
+                try:
+                    dead = self.masked_ranks(view)
+                    row = view.phy2log[layer]
+                    call_ids, call_weights, degraded = self._route(layer, row, view, dead, ids, weights)
+                    pending = sums.pending(view.epoch, call_ids, call_weights)
+                    plan = plan_dispatch(layer, row, view.slots_per_rank, view.ranks, dead, call_ids, rotation,
+                                         pending)
+                    sums.sending(plan)
+                    self._run(view, plan, bits, call_ids, call_weights.astype(np.float32), sums, deadline)
+                    tally.degraded_tokens = degraded
+                    return sums.out.to(hidden_states.dtype)
+                except _RankFailed as exc:  # mask at once, re-send its pairs on the same epoch: no sleep, no waiting
+                    self._mask(view.epoch, exc.ranks)
+                    last = exc
+                except ExpertsUnavailableError as exc:  # no live replica: wait for the recovery's commit, bounded
+                    if time.monotonic() - start >= self.unavailable_timeout_s:
+                        raise ExpertsUnavailableError(
+                            f"{exc} for {self.unavailable_timeout_s:.1f}s (no recovery committed)",
+                            exc.experts) from None
+                    last, refresh = exc, True
+                    time.sleep(self.retry_sleep_s)
+                except StaleEpochError as exc:  # another epoch committed: re-read the view
+                    last, refresh = exc, True
+                tally.attempts += 1
+                if time.monotonic() + self.retry_sleep_s > deadline:
+                    raise ServingError(f"layer {layer} call failed after {tally.attempts} attempts in "
+                                       f"{self.call_timeout_s:.1f}s: {last}")
+        finally:
+            tally.retried_pairs, tally.retried_tokens = sums.resent_pairs, sums.resent_tokens()
 
     def _route(self, layer: int, row: np.ndarray, view: CommittedView, dead: frozenset, ids: np.ndarray,
                weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -217,6 +253,7 @@ class MoEClient:
             st = self.stats
             st.calls += 1
             st.retries += tally.attempts
+            st.retried_pairs += tally.retried_pairs
             st.retried_tokens += tally.retried_tokens
             if error is None:
                 st.tokens += len(ids)
@@ -229,7 +266,7 @@ class MoEClient:
         if self.log is not None:
             self.log.record(CallRecord(t_wall, t_wall + latency, len(ids), ok=error is None,
                                        error=None if error is None else type(error).__name__, epoch=tally.epoch,
-                                       retried_tokens=tally.retried_tokens,
+                                       retried_tokens=tally.retried_tokens, retried_pairs=tally.retried_pairs,
                                        degraded_tokens=tally.degraded_tokens if error is None else 0,
                                        wrong=tally.wrong))
         if self.metrics_cluster is not None:
@@ -237,20 +274,25 @@ class MoEClient:
 
             record_serving_call(self.metrics_cluster, latency, len(ids) if error is None else 0, error)
 
-    def _run(self, view: CommittedView, plan: DispatchPlan, bits: np.ndarray, flat_weights: np.ndarray,
-             deadline: float) -> torch.Tensor:
-        """One attempt: one remote call per rank, all awaited with the call's deadline, combined in fp32."""
+    def _run(self, view: CommittedView, plan: DispatchPlan, bits: np.ndarray, call_ids: np.ndarray,
+             call_weights: np.ndarray, sums: "_PartialSums", deadline: float) -> None:
+        """One attempt: one remote call per rank, all awaited with the call's deadline, summed into ``sums``.
+
+        call_ids / call_weights: [num_tokens, top_k] the routing the plan was made from (float32 weights).
+        Every rank that answered is kept in ``sums`` (same epoch); then a rank's error is raised,
+        or _RankFailed naming the ranks that died.
+        """
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
+        flat_weights = call_weights.ravel()
         refs = []
         for part in plan.parts:
             handle = view.workers[part.rank]
             refs.append(handle.serve_layer.remote(view.epoch, part.rank, plan.layer, bits[part.tokens], part.rows,
                                                   part.slots, flat_weights[part.pairs]))
-        out = torch.zeros((plan.num_tokens, self.spec.hidden), dtype=torch.float32)
         if not refs:
-            return out
+            return
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.001, deadline - time.monotonic()))
         if pending:
             late = [part.rank for part, ref in zip(plan.parts, refs) if ref in pending]
@@ -272,35 +314,82 @@ class MoEClient:
             except RayActorError as exc:
                 died.append((part, type(exc).__name__))
                 continue
-            if not failures and not died:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # read-only object-store memory, only read here
-                    out.index_add_(0, torch.from_numpy(part.tokens), torch.from_numpy(partial))
-        if failures:  # the whole attempt is discarded: never a mix of epochs or a partial sum
+            sums.add(part, partial, call_ids, call_weights)  # computed at view.epoch: kept while it holds
+        if failures:  # a stale epoch re-plans on a fresh view (the sums reset if the epoch moved)
             raise failures[0]
         if died:
             raise _RankFailed(f"ranks {[p.rank for p, _ in died]} died during layer {plan.layer}: {died[0][1]}",
-                              [p.rank for p, _ in died], sum(len(p.tokens) for p, _ in died))
-        return out
+                              [p.rank for p, _ in died])
+
+
+class _PartialSums:
+    """One call's fp32 output, summed from the ranks that answered, kept within one committed epoch.
+
+    out: [num_tokens, hidden] float32; done: [num_tokens, top_k] pairs summed into ``out`` at ``epoch``;
+    ids / weights: [num_tokens, top_k] the routing the done pairs were computed with;
+    sent: [num_tokens, top_k] pairs sent at least once (any epoch); resent: pairs sent more than once.
+    """
+
+    def __init__(self, num_tokens: int, top_k: int, hidden: int):
+        self.out = torch.zeros((num_tokens, hidden), dtype=torch.float32)
+        self.done = np.zeros((num_tokens, top_k), dtype=bool)
+        self.ids = np.zeros((num_tokens, top_k), dtype=np.int64)
+        self.weights = np.zeros((num_tokens, top_k), dtype=np.float32)
+        self.sent = np.zeros((num_tokens, top_k), dtype=bool)
+        self.resent = np.zeros((num_tokens, top_k), dtype=bool)
+        self.resent_pairs = 0  # every sending of a pair beyond its first
+        self.epoch: Optional[int] = None
+
+    def pending(self, epoch: int, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """[num_tokens, top_k] pairs still to send at ``epoch`` under the routing (ids, weights) now in force."""
+        if epoch != self.epoch:  # a new epoch: nothing computed on another one is kept
+            self.out.zero_()
+            self.done[:] = False
+            self.epoch = epoch
+        reset, pending = pairs_to_send(self.done, self.ids, self.weights, ids, weights.astype(np.float32))
+        if reset.any():  # degraded mode re-weighted these tokens: their sums start over
+            self.out[torch.from_numpy(reset)] = 0.0
+            self.done[reset] = False
+        return pending
+
+    def sending(self, plan: DispatchPlan) -> None:
+        """Count the plan's pairs that were sent before (re-sends)."""
+        flat = np.zeros(self.sent.size, dtype=bool)
+        for part in plan.parts:
+            flat[part.pairs] = True
+        again = flat & self.sent.ravel()
+        self.resent_pairs += int(again.sum())
+        self.resent.ravel()[again] = True
+        self.sent.ravel()[flat] = True
+
+    def add(self, part: RankDispatch, partial: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
+        """Sum one rank's answer ([len(part.tokens), hidden] float32) into ``out``; its pairs are done."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only object-store memory, only read here
+            self.out.index_add_(0, torch.from_numpy(part.tokens), torch.from_numpy(partial))
+        self.done.ravel()[part.pairs] = True
+        self.ids.ravel()[part.pairs] = ids.ravel()[part.pairs]
+        self.weights.ravel()[part.pairs] = weights.ravel()[part.pairs]
+
+    def resent_tokens(self) -> int:
+        return int(self.resent.any(axis=1).sum())
 
 
 class _RankFailed(ServingError):
-    """Ranks of the view died mid-call; the call masks them and is re-planned on the same epoch.
+    """Ranks of the view died mid-call; the call masks them and re-plans their pairs on the same epoch."""
 
-    ranks: the dead ranks; tokens: how many tokens they had been sent (re-sent elsewhere).
-    """
-
-    def __init__(self, message: str, ranks, tokens: int):
+    def __init__(self, message: str, ranks):
         super().__init__(message)
-        self.ranks, self.tokens = list(ranks), int(tokens)
+        self.ranks = list(ranks)
 
 
 @dataclass
 class _CallTally:
-    """What happened inside one call: the epoch it ended on, re-planned attempts, retried and degraded tokens."""
+    """What happened inside one call: the epoch it ended on, re-planned attempts, retried pairs and tokens, degraded tokens."""
 
     epoch: int = -1
     attempts: int = 0
+    retried_pairs: int = 0
     retried_tokens: int = 0
     degraded_tokens: int = 0
     wrong: Optional[bool] = None

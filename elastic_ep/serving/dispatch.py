@@ -12,6 +12,12 @@ advances ``rotation`` every call spreads even one-token decode calls over replic
 Replicas on dead ranks are skipped (masked), so the plan never names a dead rank; an
 expert with no live replica at all raises ``ExpertsUnavailableError`` naming it.
 
+Re-sending (``pending``): a call whose rank died mid-call keeps the partial sums of the
+ranks that answered and plans again only the pairs still pending (the dead rank's), on
+the same committed epoch; ``pairs_to_send`` says which pairs those are, given what was
+already computed and the routing now in force. Partial sums are kept within one epoch
+only: once the committed epoch changes the whole call is planned again.
+
 Compared with SGLang: its *static* dispatch maps each logical expert to one fixed
 physical replica per source rank (cheap, no per-call work, but a hot expert's tokens
 from one source always hit one replica), and its *dynamic* dispatch picks a replica
@@ -23,7 +29,7 @@ of one argsort of the call's pairs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -49,7 +55,7 @@ class RankDispatch:
 
 @dataclass(frozen=True)
 class DispatchPlan:
-    """One layer call's dispatch: every pair goes to exactly one live rank's slot.
+    """One layer call's dispatch: every pending pair (all by default) goes to exactly one live rank's slot.
 
     parts: one RankDispatch per rank that gets at least one pair, by ascending rank position.
     """
@@ -115,13 +121,38 @@ def live_replicas(phy2log_row: np.ndarray, slots_per_rank: int, live_positions: 
     return slots, start, count
 
 
+def pairs_to_send(done: np.ndarray, sent_ids: np.ndarray, sent_weights: np.ndarray, topk_ids: np.ndarray,
+                  topk_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which pairs of a call to send now, given the pairs whose weighted outputs are already summed.
+
+    done: [num_tokens, top_k] bool, pairs already computed (on the call's epoch) and summed per token;
+    sent_ids / sent_weights: [num_tokens, top_k] the routing those pairs were computed with;
+    topk_ids / topk_weights: [num_tokens, top_k] the routing in force now (degraded mode may change it).
+    Returns (reset [num_tokens] bool: tokens whose summed partial no longer matches the routing, to
+    be zeroed; pending [num_tokens, top_k] bool: pairs to send, every pair of a reset token included).
+    """
+    done = np.asarray(done, dtype=bool)
+    if not (done.shape == np.shape(sent_ids) == np.shape(sent_weights) == np.shape(topk_ids)
+            == np.shape(topk_weights)):
+        raise ServingInputError(f"pairs_to_send needs equal shapes, got done {list(done.shape)}, sent "
+                                f"{list(np.shape(sent_ids))}/{list(np.shape(sent_weights))}, routing "
+                                f"{list(np.shape(topk_ids))}/{list(np.shape(topk_weights))}")
+    changed = done & ((np.asarray(sent_ids) != np.asarray(topk_ids))
+                      | (np.asarray(sent_weights) != np.asarray(topk_weights)))
+    reset = changed.any(axis=1)
+    return reset, ~(done & ~reset[:, None])
+
+
 def plan_dispatch(layer: int, phy2log_row: np.ndarray, slots_per_rank: int, ranks: Sequence[int],
-                  dead_ranks: Iterable[int], topk_ids: np.ndarray, rotation: int = 0) -> DispatchPlan:
-    """Assign every (token, expert) pair of one layer call to a live replica (see the module docstring).
+                  dead_ranks: Iterable[int], topk_ids: np.ndarray, rotation: int = 0,
+                  pending: Optional[np.ndarray] = None) -> DispatchPlan:
+    """Assign every pending (token, expert) pair of one layer call to a live replica (see the module docstring).
 
     phy2log_row: [num_slots] the committed layout's row for ``layer``.
     ranks: rank id at each rank position; dead_ranks: ranks whose slots must not be used.
     topk_ids: [num_tokens, top_k] logical experts (already checked by ``check_call``).
+    pending: [num_tokens, top_k] bool, the pairs to plan (None: all); the others are left out of
+    the plan, and only pending pairs' experts need a live replica.
     """
     ids = np.asarray(topk_ids, dtype=np.int64)
     num_tokens, top_k = ids.shape
@@ -130,7 +161,14 @@ def plan_dispatch(layer: int, phy2log_row: np.ndarray, slots_per_rank: int, rank
     dead = {int(r) for r in dead_ranks}
     positions = [i for i, r in enumerate(ranks) if int(r) not in dead]
     slots, start, count = live_replicas(row, slots_per_rank, positions, num_experts)
-    flat = ids.ravel()
+    if pending is None:
+        index = np.arange(ids.size, dtype=np.int64)
+    else:
+        if np.shape(pending) != ids.shape:
+            raise ServingInputError(f"pending must be [num_tokens, top_k] = {list(ids.shape)}, "
+                                    f"got {list(np.shape(pending))}")
+        index = np.flatnonzero(np.asarray(pending, dtype=bool))
+    flat = ids.ravel()[index]  # the planned pairs' experts; ``index`` maps them back to flat pair indices
     missing = np.unique(flat[count[flat] == 0])
     if len(missing):
         raise ExpertsUnavailableError(
@@ -150,10 +188,11 @@ def plan_dispatch(layer: int, phy2log_row: np.ndarray, slots_per_rank: int, rank
     bounds = np.searchsorted(position[by_rank], np.arange(len(ranks) + 1))
     parts = []
     for pos in range(len(ranks)):
-        pairs = by_rank[bounds[pos]:bounds[pos + 1]]
-        if not len(pairs):
+        chosen = by_rank[bounds[pos]:bounds[pos + 1]]
+        if not len(chosen):
             continue
+        pairs = index[chosen]
         tokens, rows = np.unique(pairs // top_k, return_inverse=True)
-        parts.append(RankDispatch(int(ranks[pos]), tokens, rows.astype(np.int64), phys[pairs] % slots_per_rank,
+        parts.append(RankDispatch(int(ranks[pos]), tokens, rows.astype(np.int64), phys[chosen] % slots_per_rank,
                                   pairs.astype(np.int64)))
     return DispatchPlan(int(layer), int(num_tokens), int(top_k), tuple(parts))

@@ -1,5 +1,5 @@
-"""Serving through deaths and moves on a real local Ray: SIGKILLed ranks masked at once, calls re-sent within
-the call, serving threads running through a rebalance and a recovery with zero wrong and zero failed calls."""
+"""Serving through deaths and moves on a real local Ray: SIGKILLed ranks masked at once, only their pairs re-sent
+within the call, serving threads running through a rebalance and a recovery with zero wrong and zero failed calls."""
 
 import dataclasses
 import os
@@ -15,6 +15,7 @@ from elastic_ep.cluster import ElasticEPCluster
 from elastic_ep.degraded import degrade_routing
 from elastic_ep.errors import ExpertsUnavailableError
 from elastic_ep.layout import ExpertLayout
+from elastic_ep.serving.dispatch import plan_dispatch
 from elastic_ep.serving.oracle import CheckpointOracle, output_tolerance
 from elastic_ep.serving.stream import ServingStream, StreamConfig
 from elastic_ep.serving_stats import ServingLog
@@ -59,16 +60,23 @@ def test_a_sigkilled_rank_is_masked_within_the_call_before_the_controller_says_s
     pid = ray.get(cluster.worker(victim).ping.remote(), timeout=30)["pid"]
     os.kill(pid, signal.SIGKILL)  # and serve at once: the client learns of the death from its own call
     hidden, ids, weights = _batch(10)
+    # the first attempt's plan (the client's next rotation): what the victim is sent and never answers
+    first = plan_dispatch(0, view.phy2log[0], view.slots_per_rank, view.ranks, view.dead_ranks, ids, client._rotation)
+    (lost,) = [part for part in first.parts if part.rank == victim]
     _assert_close(client.moe(0, hidden, ids, weights), oracle(0, hidden, ids, weights))
     assert victim in client.masked_ranks(view)
-    assert client.stats.retried_tokens > 0 and client.stats.failed == 0
     calls, _ = log.snapshot()
     # served on the old epoch by the survivors: the call waited neither for the controller nor for the recovery
-    assert len(calls) == 2 and calls[1].ok and calls[1].epoch == view.epoch and calls[1].retried_tokens > 0
+    assert len(calls) == 2 and calls[1].ok and calls[1].epoch == view.epoch
+    # only the victim's pairs were sent again; the survivors' partial sums were kept
+    assert calls[1].retried_pairs == len(lost.pairs) < ids.size
+    assert calls[1].retried_tokens == len(lost.tokens) < len(ids)
+    assert client.stats.retried_pairs == len(lost.pairs) and client.stats.failed == 0
     for layer in range(SMALL.num_layers):  # later calls plan around the masked rank (or on the recovered epoch)
         hidden, ids, weights = _batch(20 + layer)
         _assert_close(client.moe(layer, hidden, ids, weights), oracle(layer, hidden, ids, weights))
-    assert sum(c.retried_tokens for c in log.snapshot()[0][2:]) == 0 and client.stats.failed == 0
+    # no rank dies under them; one that meets the recovered epoch re-sends its whole call there (never a mix)
+    assert all(c.retried_pairs % (2 * c.tokens) == 0 for c in log.snapshot()[0][2:]) and client.stats.failed == 0
     cluster.wait_healthy(timeout_s=90)
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from elastic_ep.errors import ExpertsUnavailableError, NotAnMoELayerError, ServingInputError
 from elastic_ep.layout import ExpertLayout
-from elastic_ep.serving.dispatch import check_call, plan_dispatch
+from elastic_ep.serving.dispatch import check_call, pairs_to_send, plan_dispatch
 
 
 @st.composite
@@ -144,3 +144,65 @@ def test_dispatch_imports_no_ray_or_torch():
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@settings(max_examples=300, deadline=None)
+@given(layer_calls(), st.integers(0, 2**31))
+def test_only_pending_pairs_are_planned_each_once_and_only_their_experts_must_be_live(call, seed):
+    row, spr, ranks, dead, ids, rotation = call
+    pending = np.random.default_rng(seed).random(ids.shape) < 0.5
+    live_positions = [i for i, r in enumerate(ranks) if r not in dead]
+    live_experts = set(row.reshape(len(ranks), spr)[live_positions].ravel().tolist())
+    needed = set(ids[pending].tolist())
+    if not needed <= live_experts:
+        with pytest.raises(ExpertsUnavailableError) as err:
+            plan_dispatch(3, row, spr, ranks, dead, ids, rotation, pending)
+        assert {e for _, e in err.value.experts} == needed - live_experts  # a done pair's expert is not asked for
+        return
+    plan = plan_dispatch(3, row, spr, ranks, dead, ids, rotation, pending)
+    top_k = ids.shape[1]
+    seen = np.zeros(ids.size, dtype=int)
+    for part in plan.parts:
+        assert part.rank not in dead
+        pos = ranks.index(part.rank)
+        assert np.array_equal(part.tokens, np.unique(part.pairs // top_k))  # only the pending pairs' tokens
+        assert np.array_equal(part.tokens[part.rows], part.pairs // top_k)
+        assert np.array_equal(row[pos * spr + part.slots], ids.ravel()[part.pairs])
+        seen[part.pairs] += 1
+    assert np.array_equal(seen, pending.ravel().astype(int))
+    if pending.all():  # every pair pending is the plain plan
+        full = plan_dispatch(3, row, spr, ranks, dead, ids, rotation)
+        assert [(p.rank, p.pairs.tolist(), p.slots.tolist()) for p in plan.parts] == \
+            [(p.rank, p.pairs.tolist(), p.slots.tolist()) for p in full.parts]
+
+
+def test_pending_of_the_wrong_shape_is_named():
+    with pytest.raises(ServingInputError, match=r"pending must be \[num_tokens, top_k\] = \[2, 1\], got \[2\]"):
+        plan_dispatch(0, np.array([0, 1]), 1, (0, 1), (), np.array([[0], [1]]), 0, np.array([True, False]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**31), st.integers(0, 12), st.integers(1, 4))
+def test_pairs_to_send_keeps_exactly_the_done_pairs_of_tokens_whose_routing_is_unchanged(seed, num_tokens, top_k):
+    rng = np.random.default_rng(seed)
+    shape = (num_tokens, top_k)
+    done = rng.random(shape) < 0.6
+    sent_ids, sent_weights = rng.integers(0, 5, shape), rng.random(shape).astype(np.float32)
+    ids, weights = sent_ids.copy(), sent_weights.copy()
+    moved = rng.random(shape) < 0.2  # degraded mode re-routed or re-weighted these pairs
+    ids[moved & (rng.random(shape) < 0.5)] += 1
+    weights[moved] *= 2
+    reset, pending = pairs_to_send(done, sent_ids, sent_weights, ids, weights)
+    for t in range(num_tokens):
+        changed = any(done[t, k] and (ids[t, k] != sent_ids[t, k] or weights[t, k] != sent_weights[t, k])
+                      for k in range(top_k))
+        assert reset[t] == changed
+        for k in range(top_k):
+            assert pending[t, k] == (changed or not done[t, k])
+    _, nothing_done = pairs_to_send(np.zeros(shape, bool), sent_ids, sent_weights, ids, weights)
+    assert nothing_done.all()
+
+
+def test_pairs_to_send_names_mismatched_shapes():
+    with pytest.raises(ServingInputError, match="equal shapes"):
+        pairs_to_send(np.zeros((2, 2), bool), np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 1)), np.zeros((2, 1)))

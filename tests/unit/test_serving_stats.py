@@ -113,6 +113,48 @@ def test_a_late_commit_extends_the_kill_window():
     assert k.window_end_s == 1.6 and k.gap == Gap(1.3, 1.9)
 
 
+def _loop(t0, t1, lat=0.1):
+    """Back-to-back calls of ``lat`` from t0 to t1."""
+    n = int(round((t1 - t0) / lat))
+    return [ok(t0 + i * lat, t0 + (i + 1) * lat) for i in range(n)]
+
+
+def _chaos_marks(steps):
+    """Chaos-style marks: each step's kill at its start, its commit at its end (just before the next step's kill)."""
+    return [EventMark(t, kind, f"step {i}") for i, (a, b) in enumerate(steps)
+            for t, kind in ((a, "kill"), (b - 1e-3, "commit"))]
+
+
+def test_one_stall_across_four_chaos_steps_is_one_gap_of_the_first_kill_not_four():
+    # the suspicion from `chaos --kills 60 --seed 1`: four kills reported the same 14.2 s gap.
+    # Steps of one second tile 10..14; one call hangs from 9.95 to 24.15; the stream runs before and after.
+    calls = _loop(8.95, 9.95) + [ok(9.95, 24.15)] + _loop(24.15, 25.15)
+    s = summarize(calls, _chaos_marks([(10, 11), (11, 12), (12, 13), (13, 14)]))
+    first, *rest = s.kills
+    assert first.gap == Gap(9.95, 24.15) and first.kills_in_gap == 4 and first.in_gap_of is None
+    assert all(k.in_gap_of == 10 for k in rest)  # each later kill fell inside that gap: reported, not counted again
+    # what they own: nothing, or (the last one, whose window is open when serving resumes) the next 0.1 s call
+    assert [round(k.gap.length_s, 2) for k in s.kills] == [14.2, 0, 0, 0.1]
+
+
+def test_a_stall_that_starts_inside_a_steps_window_is_that_steps_even_past_the_next_kill_mark():
+    # seen in `chaos --kills 10 --seed 1`: the controller is killed in step A (mark at 0.0); the stream
+    # stalls 0.26..6.48 while the controller restarts; step B's kill mark at 5.8 falls inside that stall
+    calls = _loop(-0.54, 0.26) + [ok(0.26, 6.48)] + _loop(6.48, 7.28) + [ok(7.28, 7.58)] + _loop(7.58, 9.58)
+    a, b = summarize(calls, _chaos_marks([(0.0, 5.8), (5.8, 9.0)])).kills
+    assert a.gap == Gap(0.26, 6.48) and a.kills_in_gap == 1
+    assert b.in_gap_of == 0.0 and b.gap == Gap(7.28, 7.58)  # B's own longest gap, inside its own window
+
+
+def test_a_gap_that_holds_the_kill_belongs_to_it_when_no_earlier_window_is_open():
+    # the demo's case: the last completion before the kill opens the gap the kill causes
+    calls = _loop(0, 1.0) + [ok(1.0, 1.8)] + _loop(1.8, 2.5)
+    marks = [EventMark(0.2, "kill", "old"), EventMark(0.3, "commit"), EventMark(1.05, "kill", "new")]
+    old, new = summarize(calls, marks).kills
+    assert new.gap == Gap(1.0, 1.8) and new.in_gap_of is None and new.kills_in_gap == 1
+    assert old.gap.length_s == pytest.approx(0.1)  # the earlier kill's window closed at 0.3
+
+
 def test_rebalance_throughput_worked_by_hand():
     # 16 calls of 0.25 s back to back, 100 tokens each, 90 each for calls served during the rebalance (2, 3]
     calls = [ok(0.25 * i, 0.25 * (i + 1), 90 if 2 < 0.25 * (i + 1) <= 3 else 100) for i in range(16)]
@@ -294,6 +336,23 @@ def test_kill_gap_overlaps_its_window_and_is_bounded_by_the_longest_gap(calls, k
     assert s.ok_calls + s.failed_calls == s.calls == len(calls)
     if kill.latency_p50_s is not None:
         assert kill.latency_p50_s <= kill.latency_p99_s
+
+
+@settings(max_examples=200, deadline=None)
+@given(calls_st(min_size=1), st.lists(st.tuples(st.sampled_from(["kill", "commit"]), times), min_size=1, max_size=8))
+def test_no_two_kills_report_one_gap(calls, events):
+    marks = [EventMark(t, kind) for kind, t in events]
+    s = summarize(calls, marks)
+    own = {(k.t_kill_s, k.gap.start_s, k.gap.end_s) for k in s.kills if k.gap.length_s > 0}  # marks at one instant: one kill
+    assert len(own) == len({(a, b) for _, a, b in own})
+    kill_times = [m.t_s for m in marks if m.kind == "kill"]
+    for k in s.kills:
+        if k.in_gap_of is not None:  # it fell in the gap an earlier kill reports, which it does not report again
+            owner = next(o for o in s.kills if o.t_kill_s == k.in_gap_of)
+            assert owner.t_kill_s < k.t_kill_s and owner.gap.start_s <= k.t_kill_s < owner.gap.end_s
+            assert k.gap.length_s == 0 or k.gap != owner.gap
+        if k.gap.length_s > 0:
+            assert k.kills_in_gap == sum(k.gap.start_s <= t <= k.gap.end_s for t in set(kill_times))
 
 
 @settings(max_examples=200, deadline=None)
