@@ -17,7 +17,7 @@ case "${1:-serving}" in
   serving)
     step gpu_tests 150 -m pytest -q -p no:cacheprovider tests/gpu
     step serving 200 -m bench.serving --device cuda --ranks 2 --calls 10 --json "$OUT/serving.json"
-    step serving_faults 220 -m bench.serving_faults --device cuda --json "$OUT/serving_faults.json" ;;
+    step serving_faults 220 -m bench.serving_faults --device cuda --layers-per-step 1 --json "$OUT/serving_faults.json" ;;
   recovery)
     step fp8_recovery 300 -m bench.fp8_recovery --layers 2 --json "$OUT/fp8_recovery.json"
     step gpu_recovery 250 -m bench.gpu_recovery --json "$OUT/gpu_recovery.json" ;;
