@@ -210,8 +210,12 @@ class MoEClient:
                             exc.experts) from None
                     last, refresh = exc, True
                     time.sleep(self.retry_sleep_s)
-                except StaleEpochError as exc:  # another epoch committed: re-read the view
-                    last, refresh = exc, True
+                except StaleEpochError as exc:
+                    last = exc
+                    if exc.worker_epoch < exc.call_epoch:  # a rank has yet to apply the commit the view shows:
+                        time.sleep(self.retry_sleep_s)  # wait for it; re-reading the view would not help
+                    else:  # the ranks moved on (or the rank changed hands): re-read the view
+                        refresh = True
                 tally.attempts += 1
                 if time.monotonic() + self.retry_sleep_s > deadline:
                     raise ServingError(f"layer {layer} call failed after {tally.attempts} attempts in "

@@ -175,3 +175,44 @@ def test_a_due_view_refresh_runs_in_the_background_and_a_failing_one_keeps_the_h
     assert client.view().epoch == 4
     assert done.wait(30) and client._view.epoch == 4  # the refresh failed: the held view stays
     assert client.view(refresh=True).epoch == 5 and not answers  # a forced read asks the controller directly
+
+
+def test_a_rank_behind_the_views_epoch_is_waited_for_and_one_ahead_makes_the_client_re_read():
+    """Between the controller publishing epoch E and a rank applying it, the rank rejects E-calls as stale:
+    the client waits for that rank (keeping the others' sums) instead of re-reading the controller's view."""
+    from elastic_ep.errors import StaleEpochError
+
+    reads = []
+
+    def get_view():
+        reads.append(len(reads))
+        return _view(5, dead=())
+
+    client = MoEClient(get_view, SMALL, view_max_age_s=3600.0, retry_sleep_s=0.001)
+    behind = {"left": 3}
+    sent = []
+
+    def run(view, plan, bits, call_ids, call_weights, sums, deadline):
+        sent.append(sorted(part.rank for part in plan.parts))
+        for part in plan.parts:
+            if part.rank == 2 and behind["left"] > 0:
+                continue
+            sums.add(part, np.zeros((len(part.tokens), SMALL.hidden), np.float32), call_ids, call_weights)
+        if behind["left"] > 0 and 2 in sent[-1]:
+            behind["left"] -= 1
+            raise StaleEpochError("rank 2 holds epoch 4", worker_epoch=4, call_epoch=5)
+
+    client._run = run
+    x, ids, w = _call([[0, 4], [8, 9], [1, 5]])
+    client.moe(0, x, ids, w)
+    assert reads == [0]  # the first read only: a rank behind is waited for, not re-read
+    assert sent[0] == [0, 1, 2] and all(ranks == [2] for ranks in sent[1:]) and len(sent) == 4
+
+    def ahead(view, plan, bits, call_ids, call_weights, sums, deadline):
+        if view.epoch == 5:
+            raise StaleEpochError("rank 0 holds epoch 6", worker_epoch=6, call_epoch=5)
+
+    client._run = ahead
+    client._get_view = lambda: (reads.append(len(reads)), _view(6, dead=()))[1]
+    client.moe(0, x, ids, w)
+    assert len(reads) == 2 and client.view().epoch == 6  # a rank ahead: the view was re-read once
