@@ -18,7 +18,8 @@ from elastic_ep.decide import ClusterView, Decision, Request, decide
 from elastic_ep.errors import ElasticEPError, TransferError, UnknownRankError, VerificationError, WorkerStartupError
 from elastic_ep.faults import CONTROLLER_PHASES, FaultInjector
 from elastic_ep.layout import ExpertLayout
-from elastic_ep.report import RebalanceReport
+from elastic_ep.report import RebalanceReport, ReportDraft
+from elastic_ep.status import StartReport
 from elastic_ep.workload import LoadWindow, check_counts
 
 from .controller_ops import ControllerOps
@@ -106,11 +107,11 @@ class Controller(ControllerOps):
 
     # -- start-up, persistence, resume -----------------------------------------------------------
 
-    def start(self) -> dict:
+    def start(self) -> StartReport:
         """Start workers, spares and backup stores; load the first layout from the checkpoint."""
         with self._lock:
             if self.layout is not None:
-                return self.status().to_dict()
+                return StartReport(resumed=True)
             t0 = _now()
             cfg, w = self.cfg, self.workers
             check_checkpoint(cfg)
@@ -137,10 +138,8 @@ class Controller(ControllerOps):
             self._prepare_spares()
             self.save()
             self._start_monitor()
-            return {
-                "start_s": _now() - t0, "load_s": load_s, "backup_s": backup_s, "backup_bytes": backup_bytes,
-                "group_s": group_s, "checkpoint_bytes": int(sum(rep["bytes_read"] for rep in reports.values())),
-            }
+            return StartReport(start_s=_now() - t0, load_s=load_s, backup_s=backup_s, backup_bytes=int(backup_bytes),
+                               group_s=group_s, checkpoint_bytes=int(sum(rep.bytes_read for rep in reports.values())))
 
     @property
     def rank_nodes(self) -> dict[int, int]:
@@ -191,7 +190,7 @@ class Controller(ControllerOps):
         seen = np.zeros_like(ref, dtype=bool)
         for r, rep in reports.items():
             experts = self.layout.experts_of(r)
-            fps = rep["fingerprints"]
+            fps = rep.fingerprints
             for layer, slot in np.ndindex(experts.shape):
                 e = experts[layer, slot]
                 if seen[layer, e] and ref[layer, e] != fps[layer, slot]:
@@ -360,13 +359,13 @@ class Controller(ControllerOps):
     def backup_refs(self, keys: list) -> dict:
         return self.backups.refs(keys) if self.backups is not None else {}
 
-    def refresh_balance(self, rep: RebalanceReport, old: ExpertLayout, new: ExpertLayout, load: np.ndarray) -> None:
+    def refresh_balance(self, rep: ReportDraft, old: ExpertLayout, new: ExpertLayout, load: np.ndarray) -> None:
         """The report's balance (mean over layers of max/mean rank load) before and after."""
         for name, layout in (("before", old), ("after", new)):
             rl = layout.rank_loads(load)
             rep.balance[name] = float((rl.max(axis=1) / np.maximum(rl.mean(axis=1), 1e-12)).mean())
 
-    def after_commit(self, rep: RebalanceReport, decision: Decision) -> None:
+    def after_commit(self, rep: ReportDraft, decision: Decision) -> None:
         """Step.REPLENISH: refill the spare pool to ``num_spares`` (always), re-form communicators, restore backups."""
         cfg, w = self.cfg, self.workers
         with self._state_lock:
@@ -407,7 +406,7 @@ class Controller(ControllerOps):
     # -- the reconfiguration loop ------------------------------------------------------------------
 
     def reconfigure(self, reason: str, add: int = 0, remove: Optional[list[int]] = None,
-                    load: Optional[np.ndarray] = None) -> dict:
+                    load: Optional[np.ndarray] = None) -> RebalanceReport:
         """Attempts until one commits. Transient failures (a death, a timeout) re-plan; typed ones end it.
 
         A typed failure (CapacityError, ExpertsLostError, CheckpointError, ...) cannot be
@@ -450,23 +449,23 @@ class Controller(ControllerOps):
             finally:
                 self._busy.clear()
 
-    def _finish(self, report: RebalanceReport, failures: list, t_start: float, started_at: float,
-                death_time: Optional[float]) -> dict:
+    def _finish(self, draft: ReportDraft, failures: list, t_start: float, started_at: float,
+                death_time: Optional[float]) -> RebalanceReport:
         with self._state_lock:
             self.last_error = None
             self._blocked = None
             self._replenish_due = False
-        report.failures = failures
-        report.total_s = _now() - t_start
-        if death_time is not None and report.reason == "recover" and report.since_death_s is None:
-            report.since_death_s = time.time() - death_time
+        draft.failures = failures
+        draft.total_s = _now() - t_start
+        if death_time is not None and draft.reason == "recover" and draft.since_death_s is None:
+            draft.since_death_s = time.time() - death_time
+        draft.started_at, draft.finished_at = started_at, time.time()
         self.workers.first_death = None
-        out = report.to_dict()
-        out.update(started_at=started_at, finished_at=time.time(), committed_at=report.committed_at)
-        self.history.append(out)
+        report = draft.freeze()
+        self.history.append(report.to_dict())
         self.save()
-        metrics.record_reconfiguration(self.prefix, out)
-        return out
+        metrics.record_reconfiguration(self.prefix, report)
+        return report
 
     def discard_all(self) -> None:
         w = self.workers
@@ -475,7 +474,7 @@ class Controller(ControllerOps):
 
     # -- public operations -------------------------------------------------------------------------
 
-    def rebalance(self, load=None) -> dict:
+    def rebalance(self, load=None) -> RebalanceReport:
         """Re-place experts by ``load`` [num_layers, num_experts] or the recorded window (healing dead ranks too).
 
         Reconfigurations run one at a time: a second call waits for the first to
@@ -488,11 +487,11 @@ class Controller(ControllerOps):
                 self.collect_load()
             return self.reconfigure("rebalance", load=load)
 
-    def recover(self) -> dict:
+    def recover(self) -> RebalanceReport:
         """Heal dead ranks and spares now (see elastic_ep.decide for who takes what)."""
         return self.reconfigure("recover")
 
-    def grow(self, num_ranks: int = 1) -> dict:
+    def grow(self, num_ranks: int = 1) -> RebalanceReport:
         if isinstance(num_ranks, bool) or not isinstance(num_ranks, (int, np.integer)) or num_ranks <= 0:
             raise ValueError(f"grow needs num_ranks >= 1, got {num_ranks!r}")
         return self.reconfigure("grow", add=int(num_ranks))
@@ -504,7 +503,7 @@ class Controller(ControllerOps):
                 raise UnknownRankError(f"no rank {r!r}; ranks: {sorted(members)}")
         return sorted({int(r) for r in ranks})
 
-    def shrink(self, ranks: list[int]) -> dict:
+    def shrink(self, ranks: list[int]) -> RebalanceReport:
         """Retire ``ranks``: their experts move to the rest; their workers refill the spares or are released."""
         if not ranks:
             raise ValueError("shrink needs at least one rank")
@@ -512,7 +511,7 @@ class Controller(ControllerOps):
         decide(self.view(), Request("shrink", ranks=tuple(remove)))  # refusals raise before anything moves
         return self.reconfigure("shrink", remove=remove)
 
-    def drain(self, rank: int) -> dict:
+    def drain(self, rank: int) -> RebalanceReport:
         """Move a live rank's experts off it, commit, then release its worker.
 
         Returns the report; its ``safe_to_terminate_at`` (wall clock) says from when the

@@ -11,6 +11,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from elastic_ep.config import ClusterConfig
 from elastic_ep.errors import ElasticEPError, WorkerStartupError
+from elastic_ep.replies import WorkerPing
 
 from .worker_group import Call, WorkerGroup, WorkerRecord, collect, is_typed
 
@@ -147,7 +148,7 @@ class RayWorkerGroup(WorkerGroup):
             return True
         return False
 
-    def ping(self, wid: str, timeout_s: float) -> Optional[dict]:
+    def ping(self, wid: str, timeout_s: float) -> Optional[WorkerPing]:
         try:
             return ray.get(self.handles[wid].ping.remote(), timeout=timeout_s)
         except (RayError, GetTimeoutError, KeyError):
@@ -173,7 +174,7 @@ class RayWorkerGroup(WorkerGroup):
                     break
             if info is None:
                 self.mark_dead(wid)
-            elif restart_wait_s and self.records[wid].role == "member" and info["epoch"] < 0:
+            elif restart_wait_s and self.records[wid].role == "member" and info.epoch < 0:
                 self.mark_alive(wid)  # restarted by Ray: same actor, state lost
                 restarted.add(wid)
         return restarted
@@ -206,8 +207,8 @@ class RayWorkerGroup(WorkerGroup):
         rec = self.records[wid]
         if rec.device_key is None:
             info = ray.get(self.handles[wid].ping.remote(), timeout=self.cfg.call_timeout_s)
-            gpus = ",".join(info.get("gpus") or [])
-            key = f"{info['node_id']}:{gpus}" if gpus and self.cfg.device == "cuda" else wid
+            gpus = ",".join(info.gpus)
+            key = f"{info.node_id}:{gpus}" if gpus and self.cfg.device == "cuda" else wid
             self._update(wid, device_key=key)
         return self.records[wid].device_key
 

@@ -13,7 +13,7 @@ from elastic_ep.errors import ElasticEPError, ExpertsLostError, TransferError
 from elastic_ep.faults import Step
 from elastic_ep.layout import ExpertLayout
 from elastic_ep.plan import TransferPlan, plan_transfers
-from elastic_ep.report import RebalanceReport
+from elastic_ep.report import ReportDraft
 
 if TYPE_CHECKING:  # the controller imports this module
     from actors.controller import Controller
@@ -28,7 +28,7 @@ class Attempt:
     """What one attempt of a reconfiguration has learnt so far (filled in step by step)."""
 
     request: Request
-    rep: RebalanceReport
+    rep: ReportDraft  # frozen into the RebalanceReport once the attempt commits
     load_override: Optional[np.ndarray] = None
     step: Step = Step.DETECT
     restarted: set = field(default_factory=set)  # members Ray restarted empty
@@ -58,7 +58,7 @@ class Reconfiguration:
     def __init__(self, ctl: "Controller", request: Request, attempt: int, load_override=None):
         self.ctl = ctl
         self.att = Attempt(request=request, load_override=load_override,
-                           rep=RebalanceReport(reason=request.kind, epoch_from=ctl.epoch, attempt=attempt))
+                           rep=ReportDraft(reason=request.kind, epoch_from=ctl.epoch, attempt=attempt))
 
     @property
     def done(self) -> bool:
@@ -72,7 +72,7 @@ class Reconfiguration:
         self.att.rep.phases[step.value] = self.att.rep.phases.get(step.value, 0.0) + _now() - t0
         return self.att.step
 
-    def run(self) -> RebalanceReport:
+    def run(self) -> ReportDraft:
         while not self.done:
             self.advance()
         return self.att.rep
@@ -174,18 +174,18 @@ class Reconfiguration:
                     + "; ".join(f"rank {k}: {exc}" for k, exc in typed)[:2000], lost)
             raise typed[0][1]
         att.results = results
-        rep.worker_timings = {r: res["timings_s"] for r, res in results.items()}
+        rep.worker_timings = {r: res.timings_s for r, res in results.items()}
         # point-to-point bytes of experts that survivors held (relayed reads count as storage)
-        rep.bytes_p2p = int(sum(res["bytes_received"] for res in results.values())) - rep.plan["bytes_relayed"]
-        rep.bytes_from_backup = int(sum(res["bytes_from_backup"] for res in results.values()))
-        rep.bytes_from_checkpoint = int(sum(res["bytes_from_checkpoint"] for res in results.values()))
+        rep.bytes_p2p = int(sum(res.bytes_received for res in results.values())) - rep.plan["bytes_relayed"]
+        rep.bytes_from_backup = int(sum(res.bytes_from_backup for res in results.values()))
+        rep.bytes_from_checkpoint = int(sum(res.bytes_from_checkpoint for res in results.values()))
         return Step.VERIFY
 
     def verify(self, att: Attempt) -> Step:
         ctl = self.ctl
         bad = []
         for r, res in att.results.items():
-            for layer, slot, expert, fp in res["staged"]:
+            for layer, slot, expert, fp in res.staged:
                 if att.new.experts_of(r)[layer, slot] != expert or ctl.ref_fp[layer, expert] != fp:
                     bad.append((r, layer, slot, expert))
         if bad:
@@ -200,7 +200,7 @@ class Reconfiguration:
                     f"fingerprints (corrupted?), e.g. (layer, expert) {from_storage[:5]}, and no live replica or "
                     "backup holds them; the previous layout stays in force", from_storage)
             raise TransferError(f"{len(bad)} staged slots failed verification, e.g. (rank, layer, slot, expert) {bad[:5]}")
-        att.rep.slots_verified = int(sum(len(res["staged"]) for res in att.results.values()))
+        att.rep.slots_verified = int(sum(len(res.staged) for res in att.results.values()))
         return Step.PERSIST
 
     def persist(self, att: Attempt) -> Step:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 from elastic_ep.errors import ElasticEPError, TransferError
+from elastic_ep.replies import WorkerPing
 
 
 class Lifecycle(str, enum.Enum):
@@ -95,8 +96,8 @@ class WorkerGroup(ABC):
         """Kill a worker's process (returns once it is gone unless ``restart``)."""
 
     @abstractmethod
-    def ping(self, wid: str, timeout_s: float) -> Optional[dict]:
-        """The worker's ping reply, or None if it is dead or did not answer in time."""
+    def ping(self, wid: str, timeout_s: float) -> Optional[WorkerPing]:
+        """The worker's ping reply (elastic_ep.replies.WorkerPing), or None if it is dead or did not answer in time."""
 
     @abstractmethod
     def submit(self, wid: str, method: str, *args):

@@ -179,7 +179,7 @@ class ChaosRunner:
                 load, _, victim = self._load_where(st, lambda p: sorted(set(p.transfers[:, col].tolist())))
             delay = 0.002 if name == "transfer_send" else 0.0  # dies during the exchange, not before it
             c.arm_worker_fault(victim, name, delay)
-            res.failures = c.rebalance(load)["failures"]
+            res.failures = list(c.rebalance(load).failures)
         elif name == "fetch":
             victim = pick(self._unique_holder_ranks(st, unique=True) or ranks)
             c.arm_worker_fault(st["spares"][0], "fetch")  # the spare that takes over loads the dead rank's experts

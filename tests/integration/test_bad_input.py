@@ -123,7 +123,7 @@ def _serving(c, before=None):
     """Every slot verifies; with ``before``, nothing moved either."""
     st = c.status()
     ver = c.verify()
-    assert ver["ok"], ver
+    assert ver.ok, ver
     if before is not None:
         assert st["layout"] == before["layout"] and st["epoch"] == before["epoch"]
     return st
@@ -163,11 +163,11 @@ def test_damaged_checkpoint_at_recovery_without_backups(ray_local, small_checkpo
         assert sorted(map(tuple, st["lost"])) == sorted(alone) and "ExpertsLostError" in st["last_error"]
         assert st["layout"] == before["layout"] and st["epoch"] == before["epoch"]
         ver = c.verify()
-        assert ver["num_bad"] == 0 and ver["ranks_unreachable"] == [1]  # the survivors serve on, intact
+        assert ver.num_bad == 0 and ver.ranks_unreachable == (1,)  # the survivors serve on, intact
         # Repaired: the same recovery now succeeds and nothing was lost for good.
         shutil.copy(Path(small_checkpoint) / SHARD2, ckpt / SHARD2)
         rep = c.recover()
-        assert rep["epoch_to"] == before["epoch"] + 1
+        assert rep.epoch_to == before["epoch"] + 1
         st = c.wait_healthy(timeout_s=60)
         assert st["lost"] == [] and st["unserved"] == [] and st["last_error"] is None
         assert c.verify(against_checkpoint=True)["ok"]

@@ -36,10 +36,10 @@ def test_start_loads_every_slot_from_the_checkpoint(cluster):
     layout = _layout(cluster)
     layout.validate()
     assert st["epoch"] == 0 and len(st["ranks"]) == 4 and len(st["spares"]) == 1
-    assert cluster.last_start["checkpoint_bytes"] == 4 * SMALL.num_layers * 4 * SMALL.expert_bytes
+    assert cluster.last_start.checkpoint_bytes == 4 * SMALL.num_layers * 4 * SMALL.expert_bytes
     ver = cluster.verify(against_checkpoint=True)
-    assert ver["ok"], ver
-    assert ver["slots_checked"] == 4 * 4 * SMALL.num_layers
+    assert ver.ok, ver
+    assert ver.slots_checked == 4 * 4 * SMALL.num_layers
 
 
 def test_rebalance_follows_load_and_verifies(cluster):
@@ -47,10 +47,10 @@ def test_rebalance_follows_load_and_verifies(cluster):
     before = _layout(cluster)
     rep = cluster.rebalance()
     after = _layout(cluster)
-    assert rep["epoch_to"] == rep["epoch_from"] + 1
-    assert rep["bytes_p2p"] == rep["plan"]["transfers"] * SMALL.expert_bytes
-    assert rep["bytes_from_checkpoint"] == 0 and rep["bytes_from_backup"] == 0
-    assert rep["slots_verified"] == rep["plan"]["transfers"] + rep["plan"]["copies"]
+    assert rep.epoch_to == rep.epoch_from + 1
+    assert rep.bytes_p2p == rep.plan["transfers"] * SMALL.expert_bytes
+    assert rep.bytes_from_checkpoint == 0 and rep.bytes_from_backup == 0
+    assert rep.slots_verified == rep.plan["transfers"] + rep.plan["copies"]
     assert not np.array_equal(before.phy2log, after.phy2log)
     # The hottest expert of each layer got extra replicas.
     load = cluster.status()  # window total is inside the controller; check replicas instead
@@ -60,7 +60,7 @@ def test_rebalance_follows_load_and_verifies(cluster):
 
 def test_rebalance_twice_on_same_load_moves_nothing_more(cluster):
     rep = cluster.rebalance()
-    assert rep["plan"].get("transfers", 0) == 0 or rep["noop"]
+    assert rep.plan.get("transfers", 0) == 0 or rep.noop
     assert cluster.verify()["ok"]
 
 
@@ -87,7 +87,7 @@ def test_kill_recovers_from_spare_with_peers_and_backups(cluster):
     assert rec["bytes_from_backup"] == rec["plan"]["fetches"] * SMALL.expert_bytes
     assert len(st["spares"]) == 1 and st["spares"][0] != spare  # replenished
     ver = cluster.verify(against_checkpoint=True)
-    assert ver["ok"], ver
+    assert ver.ok, ver
 
 
 def test_unknown_rank_is_a_clear_error(cluster):
@@ -100,18 +100,18 @@ def test_unknown_rank_is_a_clear_error(cluster):
 
 def test_grow_then_shrink(cluster):
     rep = cluster.grow(1)
-    assert rep["added"] and len(cluster.status()["ranks"]) == 5
+    assert rep.added and len(cluster.status()["ranks"]) == 5
     assert cluster.verify(against_checkpoint=True)["ok"]
-    new_rank = rep["added"][0]
+    new_rank = rep.added[0]
     st = cluster.status()
     retired = st["ranks"].get(new_rank, st["ranks"].get(str(new_rank)))
     rep = cluster.shrink(new_rank)
     st = cluster.status()
-    assert rep["dropped"] == [new_rank] and len(st["ranks"]) == 4
+    assert rep.dropped == (new_rank,) and len(st["ranks"]) == 4
     # The spare pool was full, so the retired worker is released (its GPU freed), not kept; no failure recorded.
     assert len(st["spares"]) == 1 and retired not in st["spares"] and retired not in st["dead"]
     # A shrink moves what the retired rank held off it before it leaves: no storage reads.
-    assert rep["bytes_from_checkpoint"] == 0
+    assert rep.bytes_from_checkpoint == 0
     assert cluster.verify(against_checkpoint=True)["ok"]
 
 
@@ -135,7 +135,7 @@ def test_controller_restart_resumes(cluster, ray_local):
     assert cluster.verify()["ok"]
     cluster.run_workload(batches=4, seed=3, zipf_s=1.1)
     rep = cluster.rebalance()
-    assert rep["epoch_to"] == before["epoch"] + 1
+    assert rep.epoch_to == before["epoch"] + 1
     assert cluster.verify(against_checkpoint=True)["ok"]
 
 
@@ -170,7 +170,7 @@ def test_recovery_by_ray_actor_restart(ray_local, small_checkpoint, tmp_path):
         time.sleep(0.5)
         rep = c.recover()
         st = c.status()
-        assert rep["replaced"] == {"0": f"{wid} (restarted)"}
+        assert rep.replaced == {0: f"{wid} (restarted)"}
         assert st["ranks"][0] == wid and wid not in st["dead"]
         assert c.verify(against_checkpoint=True)["ok"]
 

@@ -97,7 +97,7 @@ def test_controller_death_at_every_state_leaves_one_layout_and_a_retry_converges
         assert sorted(live) == [0, 1, 3]
     rep = c2.recover()  # the retry converges
     assert not c2.workers.is_dead(c2.workers.members[2]) and sorted(c2.workers.members) == [0, 1, 2, 3]
-    assert rep["epoch_to"] == c2.epoch and c2.pending_commit is None
+    assert rep.epoch_to == c2.epoch and c2.pending_commit is None
     _served(c2)
     assert c2.verify()["ok"] and len(c2.workers.live(c2.workers.spares)) == cfg.num_spares
 
@@ -117,7 +117,7 @@ def test_worker_death_mid_transfer_fails_the_attempt_and_the_old_layout_stays_li
         r.advance()
     assert c.layout is old and c.epoch == 0
     rep = c.rebalance(load)  # heals the dead sender and rebalances in one reconfiguration
-    assert rep["replaced"] == {str(sender): "w4"} and c.epoch == 1
+    assert rep.replaced == {sender: "w4"} and c.epoch == 1
     _served(c)
     assert c.verify()["ok"]
 
@@ -132,8 +132,8 @@ def test_cold_replacement_when_no_spare_and_no_room(world_and_cfg):
     c.workers.kill(c.workers.spares[0])
     c.workers.kill(c.workers.members[3])
     rep = c.recover()
-    assert rep["replaced"]["3"].endswith("(cold)") and rep["dropped"] == []
-    assert rep["bytes_from_checkpoint"] > 0  # nobody else held rank 3's experts
+    assert rep.replaced[3].endswith("(cold)") and rep.dropped == ()
+    assert rep.bytes_from_checkpoint > 0  # nobody else held rank 3's experts
     _served(c)
     assert len(c.workers.live(c.workers.spares)) == 1
 
@@ -147,7 +147,7 @@ def test_drain_releases_the_worker_and_refusals_name_the_numbers(world_and_cfg):
     c.start()
     wid = c.workers.members[4]
     rep = c.drain(4)
-    assert rep["dropped"] == [4] and rep["released"] == [wid] and rep["safe_to_terminate_at"] is not None
+    assert rep.dropped == (4,) and rep.released == (wid,) and rep.safe_to_terminate_at is not None
     assert not world.procs[wid].alive and sorted(c.workers.members) == [0, 1, 2, 3]
     assert c.workers.records[wid].state.value == "released" and wid not in c.workers.dead
     _served(c)
