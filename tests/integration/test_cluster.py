@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from elastic_ep.cluster import ElasticEPCluster
-from elastic_ep.errors import UnknownRankError
+from elastic_ep.errors import CapacityError, UnknownRankError
 from elastic_ep.layout import ExpertLayout
 from elastic_ep.storage import write_synthetic_checkpoint
 
@@ -61,7 +61,7 @@ def test_rebalance_follows_load_and_verifies(cluster):
 def test_rebalance_twice_on_same_load_moves_nothing_more(cluster):
     rep = cluster.rebalance()
     assert rep.plan.get("transfers", 0) == 0 or rep.noop
-    assert cluster.verify()["ok"]
+    assert cluster.verify().ok
 
 
 def test_kill_recovers_from_spare_with_peers_and_backups(cluster):
@@ -95,7 +95,7 @@ def test_unknown_rank_is_a_clear_error(cluster):
         cluster.kill(99)
     with pytest.raises(UnknownRankError):
         cluster.shrink([99])
-    assert cluster.verify()["ok"]
+    assert cluster.verify().ok
 
 
 def test_grow_then_shrink(cluster):
@@ -132,11 +132,24 @@ def test_controller_restart_resumes(cluster, ray_local):
     assert st["epoch"] == before["epoch"]
     assert st["restarts"] == before["restarts"] + 1
     assert st["layout"] == before["layout"]
-    assert cluster.verify()["ok"]
+    assert cluster.verify().ok
     cluster.run_workload(batches=4, seed=3, zipf_s=1.1)
     rep = cluster.rebalance()
     assert rep.epoch_to == before["epoch"] + 1
     assert cluster.verify(against_checkpoint=True)["ok"]
+
+
+def test_a_start_ray_has_no_room_for_is_refused_at_once_with_the_numbers(ray_local, small_checkpoint, tmp_path):
+    # This Ray advertises no GPU, so GPU workers could never be placed: refused before any worker is
+    # started, instead of waiting startup_timeout_s for workers that never come.
+    cfg = small_config(small_checkpoint, tmp_path, device="cuda", startup_timeout_s=120.0, name="noroom")
+    t0 = time.monotonic()
+    with pytest.raises(CapacityError, match=r"4 ranks and 1 spares need 5 workers but only 0 can be placed: Ray has "
+                                            r"0 GPU, [0-9.]+ CPU free: room for 0 more workers asking 1 GPU, 1 CPU each"):
+        ElasticEPCluster(cfg).start()
+    assert time.monotonic() - t0 < cfg.startup_timeout_s / 4
+    names = [a["name"] for a in ray_local.util.list_named_actors(all_namespaces=True)]
+    assert not [n for n in names if n.startswith("noroom")], names  # nothing was left behind
 
 
 def test_recovery_from_checkpoint_when_no_backups(ray_local, small_checkpoint, tmp_path):

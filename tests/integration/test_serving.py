@@ -122,7 +122,7 @@ def test_sigkill_of_a_worker_recovers_and_serves_correctly(cluster, oracle):
     st = cluster.wait_healthy(timeout_s=90)
     assert st["epoch"] > epoch
     _check_all_layers(cluster, oracle, 300)
-    assert cluster.verify()["ok"]
+    assert cluster.verify().ok
 
 
 def test_grow_and_shrink_keep_outputs_right(cluster, oracle):

@@ -96,6 +96,7 @@ class FakeWorld:
     def __init__(self, spec, slots_per_rank: int, ckpt_fp: np.ndarray):
         self.spec, self.slots_per_rank, self.ckpt_fp = spec, slots_per_rank, ckpt_fp
         self.procs: dict[str, FakeWorker] = {}
+        self.free: Optional[dict[str, float]] = None  # what "Ray" says is free (None: no limit), GPUs by share
         self.group: Optional["FakeWorkerGroup"] = None  # the group of the controller alive now
 
     def serving(self, rank: int) -> Optional[FakeWorker]:
@@ -142,6 +143,12 @@ class FakeWorkerGroup(WorkerGroup):
                 else:
                     errors.append(f"{key}: {type(exc).__name__}: {exc}")
         return collect(out, errors, typed_errors, typed, what, tolerate_dead)
+
+    def free_resources(self):
+        return None if self.world.free is None else (dict(self.world.free), False)
+
+    def ask(self, gpu_share: float, pinned: bool) -> dict[str, float]:
+        return {"GPU": gpu_share}
 
     def submit(self, wid: str, method: str, *args):
         return self.call_all({wid: (wid, method, args)}, 1.0, method, tolerate_dead=True).get(wid)
