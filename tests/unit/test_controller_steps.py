@@ -122,13 +122,19 @@ def test_worker_death_mid_transfer_fails_the_attempt_and_the_old_layout_stays_li
     assert c.verify().ok
 
 
-def test_cold_replacement_when_no_spare_and_no_room(world_and_cfg):
+def _started_with_3_slots(world_and_cfg, **overrides):
+    """A started controller whose ranks have 3 slots each (4 ranks hold the 12 experts exactly)."""
     world, cfg = world_and_cfg
     cfg = small_config(cfg.checkpoint, cfg.state_dir.rsplit("/", 1)[0], keep_backups=False, auto_recover=False,
-                       num_spares=1, slots_per_rank=3)
+                       slots_per_rank=3, **overrides)
     world.slots_per_rank = 3
     c = _controller(world, cfg)
     c.start()
+    return world, c
+
+
+def test_cold_replacement_when_no_spare_and_no_room(world_and_cfg):
+    world, c = _started_with_3_slots(world_and_cfg, num_spares=1)
     c.workers.kill(c.workers.spares[0])
     c.workers.kill(c.workers.members[3])
     rep = c.recover()
@@ -139,12 +145,7 @@ def test_cold_replacement_when_no_spare_and_no_room(world_and_cfg):
 
 
 def test_drain_releases_the_worker_and_refusals_name_the_numbers(world_and_cfg):
-    world, cfg = world_and_cfg
-    cfg = small_config(cfg.checkpoint, cfg.state_dir.rsplit("/", 1)[0], keep_backups=False, auto_recover=False,
-                       num_spares=1, num_ranks=5, slots_per_rank=3)
-    world.slots_per_rank = 3
-    c = _controller(world, cfg)
-    c.start()
+    world, c = _started_with_3_slots(world_and_cfg, num_spares=1, num_ranks=5)
     wid = c.workers.members[4]
     rep = c.drain(4)
     assert rep.dropped == (4,) and rep.released == (wid,) and rep.safe_to_terminate_at is not None
@@ -166,12 +167,7 @@ def test_state_round_trips_as_one_list_of_records(world_and_cfg):
 
 
 def test_no_room_on_ray_refuses_a_grow_at_once_but_never_the_replacement_of_a_dead_worker(world_and_cfg):
-    world, cfg = world_and_cfg
-    cfg = small_config(cfg.checkpoint, cfg.state_dir.rsplit("/", 1)[0], keep_backups=False, auto_recover=False,
-                       num_spares=0, slots_per_rank=3)
-    world.slots_per_rank = 3
-    c = _controller(world, cfg)
-    c.start()
+    world, c = _started_with_3_slots(world_and_cfg, num_spares=0)
     world.free = {"GPU": 0.0}  # every GPU is taken, the dead worker's too until "Ray" notices its death
     started = c.workers.next_worker
     with pytest.raises(CapacityError, match=r"1 workers must be started \(ranks \[4\]\) but only 0 may be "
