@@ -33,7 +33,7 @@ def test_sigkilled_idle_spare_is_replaced(tight):
     assert spare in st["dead"] and spare not in st["spares"]
     assert len(_live_spares(st)) == 1  # the pool is back to num_spares, with a new worker
     assert st["layout"] == before["layout"] and st["epoch"] == before["epoch"]  # no expert moved
-    assert tight.verify(against_checkpoint=True)["ok"]
+    assert tight.verify(against_checkpoint=True).ok
 
 
 def test_spare_and_rank_sigkilled_with_no_room_heal_through_a_cold_worker(tight):
@@ -75,4 +75,4 @@ def test_drain_moves_a_rank_off_and_releases_its_process(tight):
             break
         assert time.monotonic() < deadline, f"released worker pid {pid} still runs"
         time.sleep(0.1)
-    assert tight.verify(against_checkpoint=True)["ok"]
+    assert tight.verify(against_checkpoint=True).ok

@@ -56,7 +56,7 @@ def test_nccl_rebalance_and_recovery_verified(ray_gpu, checkpoint):
         c.run_workload(batches=8, zipf_s=1.3)
         rep = c.rebalance()
         assert rep.bytes_p2p > 0 and rep.plan["fetches"] == 0
-        assert c.verify(against_checkpoint=True)["ok"]
+        assert c.verify(against_checkpoint=True).ok
         c.kill(1)
         st = c.wait_healthy(timeout_s=300)
         rec = next(h for h in reversed(st["history"]) if h["reason"] == "recover")
@@ -106,7 +106,7 @@ def test_nccl_fp8_bundles_move_with_their_scales(ray_gpu, tmp_path_factory):
         c.run_workload(batches=8, zipf_s=1.3)
         rep = c.rebalance()
         assert rep.bytes_p2p == rep.plan["transfers"] * FP8.expert_bytes > 0
-        assert c.verify(against_checkpoint=True)["ok"]
+        assert c.verify(against_checkpoint=True).ok
         victim = c.status()["ranks"].get(1, c.status()["ranks"].get("1"))
         handle = ray.get_actor(f"{c.prefix}-{victim}", namespace=ray.get_runtime_context().namespace)
         os.kill(ray.get(handle.ping.remote(), timeout=60).pid, signal.SIGKILL)

@@ -55,7 +55,7 @@ def test_rebalance_follows_load_and_verifies(cluster):
     # The hottest expert of each layer got extra replicas.
     load = cluster.status()  # window total is inside the controller; check replicas instead
     assert after.logcnt.max() > 1
-    assert cluster.verify(against_checkpoint=True)["ok"]
+    assert cluster.verify(against_checkpoint=True).ok
 
 
 def test_rebalance_twice_on_same_load_moves_nothing_more(cluster):
@@ -101,7 +101,7 @@ def test_unknown_rank_is_a_clear_error(cluster):
 def test_grow_then_shrink(cluster):
     rep = cluster.grow(1)
     assert rep.added and len(cluster.status()["ranks"]) == 5
-    assert cluster.verify(against_checkpoint=True)["ok"]
+    assert cluster.verify(against_checkpoint=True).ok
     new_rank = rep.added[0]
     st = cluster.status()
     retired = st["ranks"].get(new_rank, st["ranks"].get(str(new_rank)))
@@ -112,7 +112,7 @@ def test_grow_then_shrink(cluster):
     assert len(st["spares"]) == 1 and retired not in st["spares"] and retired not in st["dead"]
     # A shrink moves what the retired rank held off it before it leaves: no storage reads.
     assert rep.bytes_from_checkpoint == 0
-    assert cluster.verify(against_checkpoint=True)["ok"]
+    assert cluster.verify(against_checkpoint=True).ok
 
 
 def test_controller_restart_resumes(cluster, ray_local):
@@ -136,7 +136,7 @@ def test_controller_restart_resumes(cluster, ray_local):
     cluster.run_workload(batches=4, seed=3, zipf_s=1.1)
     rep = cluster.rebalance()
     assert rep.epoch_to == before["epoch"] + 1
-    assert cluster.verify(against_checkpoint=True)["ok"]
+    assert cluster.verify(against_checkpoint=True).ok
 
 
 def test_a_start_ray_has_no_room_for_is_refused_at_once_with_the_numbers(ray_local, small_checkpoint, tmp_path):
@@ -160,7 +160,7 @@ def test_recovery_from_checkpoint_when_no_backups(ray_local, small_checkpoint, t
         rec = _last(st, "recover")
         assert rec["bytes_from_backup"] == 0
         assert rec["bytes_from_checkpoint"] == rec["plan"]["fetches"] * SMALL.expert_bytes > 0
-        assert c.verify(against_checkpoint=True)["ok"]
+        assert c.verify(against_checkpoint=True).ok
 
 
 def test_shrink_when_no_spare_is_left(ray_local, small_checkpoint, tmp_path):
@@ -173,7 +173,7 @@ def test_shrink_when_no_spare_is_left(ray_local, small_checkpoint, tmp_path):
         layout = _layout(c)
         assert layout.ranks == (0, 1, 2) and layout.num_slots == 12
         layout.validate()
-        assert c.verify(against_checkpoint=True)["ok"]
+        assert c.verify(against_checkpoint=True).ok
 
 
 def test_recovery_by_ray_actor_restart(ray_local, small_checkpoint, tmp_path):
@@ -185,7 +185,7 @@ def test_recovery_by_ray_actor_restart(ray_local, small_checkpoint, tmp_path):
         st = c.status()
         assert rep.replaced == {0: f"{wid} (restarted)"}
         assert st["ranks"][0] == wid and wid not in st["dead"]
-        assert c.verify(against_checkpoint=True)["ok"]
+        assert c.verify(against_checkpoint=True).ok
 
 
 @pytest.mark.parametrize("preset", ["qwen", "mixtral"])
@@ -194,4 +194,4 @@ def test_checkpoint_presets(ray_local, tmp_path, preset):
     write_synthetic_checkpoint(ckpt, SMALL, preset=preset, num_shards=3)
     cfg = small_config(str(ckpt), tmp_path, preset=preset, num_ranks=3, num_spares=0, name=f"p{preset}")
     with ElasticEPCluster(cfg) as c:
-        assert c.verify(against_checkpoint=True)["ok"]
+        assert c.verify(against_checkpoint=True).ok

@@ -76,7 +76,7 @@ def test_real_checkpoint_starts_rebalances_survives_sigkill_and_verifies(ray_loc
         cluster.run_workload(batches=6, seed=3, zipf_s=1.5)
         rep = cluster.rebalance()
         assert rep.bytes_p2p == rep.plan["transfers"] * spec.expert_bytes  # whole bundles moved
-        assert cluster.verify(against_checkpoint=True)["ok"]
+        assert cluster.verify(against_checkpoint=True).ok
 
         st = cluster.status()
         assert st["shared_experts"]["managed"] is False

@@ -46,6 +46,6 @@ def test_striped_recovery_relays_reads_through_survivors_and_verifies(ray_local,
         # the next recovery works from the new membership too
         cluster.kill(0)
         st = cluster.wait_healthy(timeout_s=90)
-        assert cluster.verify(against_checkpoint=True)["ok"]
+        assert cluster.verify(against_checkpoint=True).ok
     finally:
         cluster.shutdown()
