@@ -70,8 +70,8 @@ class ClusterStatus:
     ranks: {rank: worker id} (dead members stay until replaced); spares: [worker id].
     dead: [worker id] every worker seen dead; death_times: {worker id: wall clock noticed}.
     lost: [(layer, expert)] with no copy anywhere; unserved: [(layer, expert)] no live rank holds now.
-    backed_up: experts with a host backup; spares_prepared / members_prepared: {worker id: result of
-    mapping the backups, "preparing", or the error}. node_ids: {logical node: Ray node id};
+    backed_up: experts with a host backup; spares_prepared / members_prepared: {worker id: the fields of
+    its elastic_ep.replies.PreparedBackups as a dict, "preparing", or the error}. node_ids: {logical node: Ray node id};
     rank_nodes: {rank: logical node}; layout: ExpertLayout.to_dict() of the committed layout.
     last_error: why the last reconfiguration could not be done (None once one succeeds).
     restarts: controller restarts; busy: a reconfiguration runs; load_reports: reports in the window.
