@@ -5,24 +5,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from elastic_ep.balance import rebalance_experts
 from elastic_ep.config import ClusterConfig, ModelSpec
 from elastic_ep import metrics
 from elastic_ep.decide import ClusterView, Decision, Request, decide
-from elastic_ep.errors import ElasticEPError, TransferError, UnknownRankError, VerificationError, WorkerStartupError
+from elastic_ep.errors import ElasticEPError, TransferError, UnknownRankError, WorkerStartupError
 from elastic_ep.faults import CONTROLLER_PHASES, FaultInjector
 from elastic_ep.layout import ExpertLayout
-from elastic_ep.report import RebalanceReport
+from elastic_ep.report import RebalanceReport, ReportDraft
 from elastic_ep.workload import LoadWindow, check_counts
 
+from .controller_lifecycle import ControllerLifecycle
 from .controller_ops import ControllerOps
-from .persistence import check_checkpoint, load_state, save_state
+from .persistence import load_state
 from .reconfigure import Reconfiguration, request_for
 from .worker_group import WorkerGroup
 
@@ -35,13 +34,13 @@ def _now() -> float:
     return time.perf_counter()
 
 
-class Controller(ControllerOps):
+class Controller(ControllerLifecycle, ControllerOps):
     """The brain of one elastic EP cluster.
 
     State (layout, epoch, the worker records, reference fingerprints) is written to
     ``state_dir`` after every commit and read back when the actor restarts, so a
-    controller restart resumes where it left off; workers and backup stores are
-    detached named actors that outlive it.
+    controller restart resumes where it left off (start-up, saving and resuming:
+    ControllerLifecycle); workers and backup stores are detached named actors that outlive it.
 
     Commit protocol (what makes a reconfiguration atomic across a controller crash):
     every participant stages and every staged slot is verified; then the new layout,
@@ -104,43 +103,7 @@ class Controller(ControllerOps):
                                    int(state["generation"]) + 1 if state else 0)
         return workers, comms, Backups(cfg, self.prefix, workers, pins)
 
-    # -- start-up, persistence, resume -----------------------------------------------------------
-
-    def start(self) -> dict:
-        """Start workers, spares and backup stores; load the first layout from the checkpoint."""
-        with self._lock:
-            if self.layout is not None:
-                return self.status().to_dict()
-            t0 = _now()
-            cfg, w = self.cfg, self.workers
-            check_checkpoint(cfg)
-            per_node = cfg.num_ranks // cfg.num_nodes
-            ranks = list(range(cfg.num_ranks))
-            rank_nodes = {r: r // per_node for r in ranks}
-            w.set_members({r: w.spawn(rank_nodes[r], cfg.gpu_fractions) for r in ranks})
-            w.set_spares([w.spawn(k % cfg.num_nodes, cfg.gpu_fractions) for k in range(cfg.num_spares)])
-            w.wait_started(list(w.members.values()) + w.spares, cfg.startup_timeout_s)
-            uniform = np.ones((self.spec.num_layers, self.spec.num_experts))
-            self.layout = rebalance_experts(
-                uniform, ranks, cfg.slots_per_rank, rank_nodes=[rank_nodes[r] for r in ranks],
-                num_groups=self.spec.num_groups, policy="eplb",
-            )
-            t_load = _now()
-            calls = {r: (wid, "load", (r, self.layout.experts_of(r), self.epoch)) for r, wid in w.members.items()}
-            reports = w.call_all(calls, cfg.startup_timeout_s, "load")
-            self._set_reference(reports)
-            load_s = _now() - t_load
-            t_b = _now()
-            backup_bytes = self.backups.make(self.layout, w.members, self.rank_nodes) if cfg.keep_backups else 0
-            backup_s = _now() - t_b
-            group_s = self.comms.form()
-            self._prepare_spares()
-            self.save()
-            self._start_monitor()
-            return {
-                "start_s": _now() - t0, "load_s": load_s, "backup_s": backup_s, "backup_bytes": backup_bytes,
-                "group_s": group_s, "checkpoint_bytes": int(sum(rep["bytes_read"] for rep in reports.values())),
-            }
+    # -- views of the state --------------------------------------------------------------------
 
     @property
     def rank_nodes(self) -> dict[int, int]:
@@ -156,8 +119,12 @@ class Controller(ControllerOps):
         """What decide() needs to know, from this controller's state (a snapshot).
 
         ``running``: the request being carried out (a drain does not count itself as already draining).
+        ``startable``: how many workers Ray has room for (WorkerGroup.room), so that decide()
+        refuses a start that cannot be placed instead of waiting ``startup_timeout_s`` for it.
         """
         cfg, w = self.cfg, self.workers
+        startable, note = w.room(len(w.members) + cfg.num_spares + (running.add if running is not None else 0),
+                                 cfg.gpu_fractions)
         with self._state_lock:
             return ClusterView(
                 members=w.members, rank_nodes=self.rank_nodes, spares=tuple(w.spares), dead=w.dead,
@@ -165,6 +132,7 @@ class Controller(ControllerOps):
                 num_nodes=cfg.num_nodes, ranks_per_node=max(1, cfg.num_ranks // cfg.num_nodes),
                 layout_ranks=tuple(self.layout.ranks), restarted=frozenset(restarted),
                 draining=frozenset(self.draining - set(running.ranks if running is not None else ())),
+                startable=startable, startable_note=note,
             )
 
     def start_worker(self, node: int) -> str:
@@ -185,44 +153,6 @@ class Controller(ControllerOps):
             w.set_spares(w.spares + [wid])
         return wid
 
-    def _set_reference(self, reports: dict) -> None:
-        """Reference fingerprint per logical expert from the start-up loads; replicas must agree."""
-        ref = np.zeros((self.spec.num_layers, self.spec.num_experts), dtype=np.int64)
-        seen = np.zeros_like(ref, dtype=bool)
-        for r, rep in reports.items():
-            experts = self.layout.experts_of(r)
-            fps = rep["fingerprints"]
-            for layer, slot in np.ndindex(experts.shape):
-                e = experts[layer, slot]
-                if seen[layer, e] and ref[layer, e] != fps[layer, slot]:
-                    raise VerificationError(
-                        f"replicas of expert {e} in layer {layer} differ right after loading the checkpoint")
-                ref[layer, e] = fps[layer, slot]
-                seen[layer, e] = True
-        self.ref_fp = ref
-
-    def save(self) -> None:
-        """Persist everything needed to resume (atomic rename)."""
-        with self._state_lock:
-            state = {
-                "cfg": {**asdict(self.cfg), "model": asdict(self.spec)},
-                "layout": self.layout.to_dict() if self.layout is not None else None,
-                "epoch": self.epoch,
-                "generation": self.comms.generation,
-                "workers": self.workers.to_list(),
-                "next_worker": self.workers.next_worker,
-                "ref_fp": self.ref_fp.tolist() if self.ref_fp is not None else None,
-                "backups": self.backups.to_dict() if self.backups is not None else None,
-                "node_ids": {str(i): n for i, n in getattr(getattr(self.workers, "pins", None), "node_ids", {}).items()},
-                "pending_commit": self.pending_commit,
-                "lost": [list(k) for k in self.lost],
-                "last_error": self.last_error,
-                "history": self.history[-50:],
-                "restarts": self.restarts,
-            }
-        save_state(self.state_path, state)
-        self._record_membership()
-
     def _record_membership(self) -> None:
         w = self.workers
         metrics.record_membership(self.prefix, self.epoch, dict(w.members), w.spares, w.dead)
@@ -233,52 +163,6 @@ class Controller(ControllerOps):
             self._record_membership()
             return True
         return False
-
-    def _resume(self, state: dict) -> None:
-        """Rebuild state after a controller restart; reattach to detached workers by name.
-
-        Never raises for a dead worker or a failed group (an exception in ``__init__``
-        would end the actor for good): what cannot be reattached is marked dead, and the
-        monitor heals it. A decided reconfiguration is rolled forward, an undecided one back.
-        """
-        w, cfg = self.workers, self.cfg
-        self.layout = ExpertLayout.from_dict(state["layout"]) if state["layout"] else None
-        self.epoch = int(state["epoch"])
-        self.ref_fp = np.asarray(state["ref_fp"], dtype=np.int64) if state["ref_fp"] is not None else None
-        self.pending_commit = state.get("pending_commit")
-        self.lost = [tuple(x) for x in state["lost"]]
-        self.last_error = state.get("last_error")
-        self.history = state["history"]
-        self.restarts = int(state.get("restarts", 0)) + 1
-        w.reattach([x for x, rec in w.records.items() if rec.state.value == "live"])
-        if self.backups is not None and state.get("backups"):
-            self.backups.restore(state["backups"])
-        live = [x for x, rec in w.records.items() if rec.state.value == "live"]
-        if self.pending_commit is not None:
-            # The decision was written: the new layout is in force. Workers that staged it
-            # commit now (a second commit of one epoch is a no-op); one that cannot is dead.
-            epoch = int(self.pending_commit["epoch"])
-            calls = {r: (x, "commit", (epoch, r)) for r, x in w.members.items() if x in live}
-            w.call_all(calls, cfg.call_timeout_s, "commit (resume)", tolerate_dead=True)
-            retired = [x for x in self.pending_commit.get("retired", []) if x in live]
-            done = w.call_all({x: (x, "retire", ()) for x in retired}, cfg.call_timeout_s, "retire (resume)",
-                              tolerate_dead=True)
-            self.settle_retired([x for x in retired if x in done and x not in w.spares],
-                                self.pending_commit.get("keep_spares"))
-            self.pending_commit = None
-        else:
-            # A reconfiguration the old controller left undecided is dropped: live weights never changed.
-            calls = {x: (x, "discard", (self.epoch + 1,)) for x in live}
-            w.call_all(calls, cfg.call_timeout_s, "discard (resume)", tolerate_dead=True)
-        self._replenish_due = len(w.live(w.spares)) < cfg.num_spares
-        if self.layout is not None:
-            try:
-                self.comms.form()
-            except Exception as exc:  # noqa: BLE001 - never raise in __init__; the next attempt re-forms
-                log.warning("communicators not re-formed on resume: %s", exc)
-                self.comms.ok = False
-            self.save()
-            self._start_monitor()
 
     # -- watching ------------------------------------------------------------------------------
 
@@ -360,13 +244,13 @@ class Controller(ControllerOps):
     def backup_refs(self, keys: list) -> dict:
         return self.backups.refs(keys) if self.backups is not None else {}
 
-    def refresh_balance(self, rep: RebalanceReport, old: ExpertLayout, new: ExpertLayout, load: np.ndarray) -> None:
+    def refresh_balance(self, rep: ReportDraft, old: ExpertLayout, new: ExpertLayout, load: np.ndarray) -> None:
         """The report's balance (mean over layers of max/mean rank load) before and after."""
         for name, layout in (("before", old), ("after", new)):
             rl = layout.rank_loads(load)
             rep.balance[name] = float((rl.max(axis=1) / np.maximum(rl.mean(axis=1), 1e-12)).mean())
 
-    def after_commit(self, rep: RebalanceReport, decision: Decision) -> None:
+    def after_commit(self, rep: ReportDraft, decision: Decision) -> None:
         """Step.REPLENISH: refill the spare pool to ``num_spares`` (always), re-form communicators, restore backups."""
         cfg, w = self.cfg, self.workers
         with self._state_lock:
@@ -407,7 +291,7 @@ class Controller(ControllerOps):
     # -- the reconfiguration loop ------------------------------------------------------------------
 
     def reconfigure(self, reason: str, add: int = 0, remove: Optional[list[int]] = None,
-                    load: Optional[np.ndarray] = None, layers_per_step: Optional[int] = None) -> dict:
+                    load: Optional[np.ndarray] = None, layers_per_step: Optional[int] = None) -> RebalanceReport:
         """Attempts until one commits. Transient failures (a death, a timeout) re-plan; typed ones end it.
 
         A typed failure (CapacityError, ExpertsLostError, CheckpointError, ...) cannot be
@@ -450,23 +334,23 @@ class Controller(ControllerOps):
             finally:
                 self._busy.clear()
 
-    def _finish(self, report: RebalanceReport, failures: list, t_start: float, started_at: float,
-                death_time: Optional[float]) -> dict:
+    def _finish(self, draft: ReportDraft, failures: list, t_start: float, started_at: float,
+                death_time: Optional[float]) -> RebalanceReport:
         with self._state_lock:
             self.last_error = None
             self._blocked = None
             self._replenish_due = False
-        report.failures = failures
-        report.total_s = _now() - t_start
-        if death_time is not None and report.reason == "recover" and report.since_death_s is None:
-            report.since_death_s = time.time() - death_time
+        draft.failures = failures
+        draft.total_s = _now() - t_start
+        if death_time is not None and draft.reason == "recover" and draft.since_death_s is None:
+            draft.since_death_s = time.time() - death_time
+        draft.started_at, draft.finished_at = started_at, time.time()
         self.workers.first_death = None
-        out = report.to_dict()
-        out.update(started_at=started_at, finished_at=time.time(), committed_at=report.committed_at)
-        self.history.append(out)
+        report = draft.freeze()
+        self.history.append(report.to_dict())
         self.save()
-        metrics.record_reconfiguration(self.prefix, out)
-        return out
+        metrics.record_reconfiguration(self.prefix, report)
+        return report
 
     def discard_all(self) -> None:
         w = self.workers
@@ -475,7 +359,7 @@ class Controller(ControllerOps):
 
     # -- public operations -------------------------------------------------------------------------
 
-    def rebalance(self, load=None, layers_per_step: Optional[int] = None) -> dict:
+    def rebalance(self, load=None, layers_per_step: Optional[int] = None) -> RebalanceReport:
         """Re-place experts by ``load`` [num_layers, num_experts] or the recorded window (healing dead ranks too).
 
         Reconfigurations run one at a time: a second call waits for the first to
@@ -492,11 +376,11 @@ class Controller(ControllerOps):
                 self.collect_load()
             return self.reconfigure("rebalance", load=load, layers_per_step=layers_per_step)
 
-    def recover(self) -> dict:
+    def recover(self) -> RebalanceReport:
         """Heal dead ranks and spares now (see elastic_ep.decide for who takes what)."""
         return self.reconfigure("recover")
 
-    def grow(self, num_ranks: int = 1) -> dict:
+    def grow(self, num_ranks: int = 1) -> RebalanceReport:
         if isinstance(num_ranks, bool) or not isinstance(num_ranks, (int, np.integer)) or num_ranks <= 0:
             raise ValueError(f"grow needs num_ranks >= 1, got {num_ranks!r}")
         return self.reconfigure("grow", add=int(num_ranks))
@@ -508,7 +392,7 @@ class Controller(ControllerOps):
                 raise UnknownRankError(f"no rank {r!r}; ranks: {sorted(members)}")
         return sorted({int(r) for r in ranks})
 
-    def shrink(self, ranks: list[int]) -> dict:
+    def shrink(self, ranks: list[int]) -> RebalanceReport:
         """Retire ``ranks``: their experts move to the rest; their workers refill the spares or are released."""
         if not ranks:
             raise ValueError("shrink needs at least one rank")
@@ -516,7 +400,7 @@ class Controller(ControllerOps):
         decide(self.view(), Request("shrink", ranks=tuple(remove)))  # refusals raise before anything moves
         return self.reconfigure("shrink", remove=remove)
 
-    def drain(self, rank: int) -> dict:
+    def drain(self, rank: int) -> RebalanceReport:
         """Move a live rank's experts off it, commit, then release its worker.
 
         Returns the report; its ``safe_to_terminate_at`` (wall clock) says from when the

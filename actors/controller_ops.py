@@ -9,7 +9,7 @@ import numpy as np
 from elastic_ep.errors import TransferError, UnknownRankError
 from elastic_ep.faults import WORKER_PHASES
 from elastic_ep.layout import ExpertLayout
-from elastic_ep.status import ClusterStatus, CommittedView
+from elastic_ep.status import BadSlot, ClusterStatus, CommittedView, VerifyResult
 from elastic_ep.workload import check_counts
 
 
@@ -61,7 +61,7 @@ class ControllerOps:
         covered[np.repeat(np.arange(layout.num_layers), held.shape[1]), held.ravel()] = True
         return [(int(l), int(e)) for l, e in np.argwhere(~covered)]
 
-    def verify(self, against_checkpoint: bool = False) -> dict:
+    def verify(self, against_checkpoint: bool = False) -> VerifyResult:
         """Fingerprint every live slot and compare with the reference (or a fresh read of the checkpoint)."""
         with self._lock:
             ref = self._checkpoint_fingerprints() if against_checkpoint else self.ref_fp
@@ -71,18 +71,18 @@ class ControllerOps:
             bad, checked = [], 0
             for r, rep in got.items():
                 want = self.layout.experts_of(r)
-                if not np.array_equal(rep["experts"], want):
-                    diff = np.argwhere(rep["experts"] != want)[0]
-                    bad.append({"rank": r, "layer": int(diff[0]), "slot": int(diff[1]), "why": "wrong expert"})
-                fp = rep["fingerprints"]
+                if not np.array_equal(rep.experts, want):
+                    diff = np.argwhere(rep.experts != want)[0]
+                    bad.append(BadSlot(rank=r, layer=int(diff[0]), slot=int(diff[1]), why="wrong expert"))
+                fp = rep.fingerprints
                 for layer, slot in np.ndindex(want.shape):
                     checked += 1
                     if fp[layer, slot] != ref[layer, want[layer, slot]]:
-                        bad.append({"rank": r, "layer": layer, "slot": slot, "expert": int(want[layer, slot]),
-                                    "why": "fingerprint mismatch"})
+                        bad.append(BadSlot(rank=r, layer=layer, slot=slot, why="fingerprint mismatch",
+                                           expert=int(want[layer, slot])))
             missing = sorted(set(w.members) - set(got))
-            return {"ok": not bad and not missing, "slots_checked": checked, "bad": bad[:20],
-                    "num_bad": len(bad), "ranks_unreachable": missing, "epoch": self.epoch}
+            return VerifyResult(ok=not bad and not missing, slots_checked=checked, bad=tuple(bad[:20]),
+                                num_bad=len(bad), ranks_unreachable=tuple(missing), epoch=self.epoch)
 
     def _checkpoint_fingerprints(self) -> np.ndarray:
         from elastic_ep.checkpoint import CheckpointReader
@@ -106,15 +106,15 @@ class ControllerOps:
         total = np.zeros((self.spec.num_layers, self.spec.num_experts))
         any_tokens = False
         for rep in got.values():
-            if rep["tokens"].sum() <= 0:
+            if rep.tokens.sum() <= 0:
                 continue
             any_tokens = True
-            experts = rep["experts"]
+            experts = rep.experts
             rows = np.repeat(np.arange(self.spec.num_layers), experts.shape[1])
             valid = experts.ravel() >= 0
-            np.add.at(total, (rows[valid], experts.ravel()[valid]), rep["tokens"].ravel()[valid])
+            np.add.at(total, (rows[valid], experts.ravel()[valid]), rep.tokens.ravel()[valid])
         for rep in got.values():  # tokens served by slots before a commit changed what they hold
-            carried = rep.get("expert_tokens")
+            carried = rep.expert_tokens
             if carried is not None and carried.sum() > 0:
                 any_tokens = True
                 total += carried

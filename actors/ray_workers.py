@@ -11,6 +11,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from elastic_ep.config import ClusterConfig
 from elastic_ep.errors import ElasticEPError, WorkerStartupError
+from elastic_ep.replies import WorkerPing
 
 from .worker_group import Call, WorkerGroup, WorkerRecord, collect, is_typed
 
@@ -24,6 +25,16 @@ PIN_CPUS = 0.001
 
 def _now() -> float:
     return time.perf_counter()
+
+
+def _autoscaling() -> bool:
+    """Whether an autoscaler published this Ray cluster's node types (it may start nodes on demand)."""
+    try:
+        from ray._private.state import state
+
+        return state.get_cluster_config() is not None
+    except Exception:  # noqa: BLE001 - no such record (or API) on this Ray: a fixed set of nodes
+        return False
 
 
 class NodePins:
@@ -85,17 +96,33 @@ class RayWorkerGroup(WorkerGroup):
     def handle(self, wid: str):
         return self.handles[wid]
 
+    def ask(self, gpu_share: float, pinned: bool) -> dict[str, float]:
+        """What one worker asks Ray for: its GPU share and a CPU on GPUs; on CPUs nothing, or a sliver when pinned."""
+        if self.cfg.device == "cuda":
+            return {"GPU": float(gpu_share), "CPU": 1.0}
+        return {"CPU": PIN_CPUS} if pinned else {}
+
     def _spawn(self, wid: str, node: int, gpu_share: float) -> None:
         from actors.worker import worker_actor_class
 
         cfg = self.cfg
-        opts = dict(name=self.name_of(wid), lifetime="detached", max_restarts=cfg.max_restarts)
-        if cfg.device == "cuda":
-            opts["num_gpus"] = gpu_share
-        opts.update(self.pins.options(node, cfg.device))
+        strategy = self.pins.strategy(node)
+        ask = self.ask(gpu_share, strategy is not None)
+        opts = dict(name=self.name_of(wid), lifetime="detached", max_restarts=cfg.max_restarts,
+                    num_cpus=ask.get("CPU", 0.0))
+        if "GPU" in ask:
+            opts["num_gpus"] = ask["GPU"]
+        if strategy is not None:
+            opts["scheduling_strategy"] = strategy
         self.handles[wid] = worker_actor_class(cfg.device).options(**opts).remote(
             wid, cfg.model, cfg.slots_per_rank, cfg.device, cfg.checkpoint, cfg.preset, cfg.staging_reserve,
         )
+
+    def free_resources(self) -> Optional[tuple[dict[str, float], bool]]:
+        if _autoscaling():
+            return None  # an autoscaler may add nodes: what is free now is no limit
+        pinned = len([x for x in ray.nodes() if x.get("Alive")]) > 1
+        return {k: float(v) for k, v in ray.available_resources().items() if k in ("GPU", "CPU")}, pinned
 
     def wait_started(self, wids: list[str], timeout_s: float) -> None:
         try:
@@ -147,7 +174,7 @@ class RayWorkerGroup(WorkerGroup):
             return True
         return False
 
-    def ping(self, wid: str, timeout_s: float) -> Optional[dict]:
+    def ping(self, wid: str, timeout_s: float) -> Optional[WorkerPing]:
         try:
             return ray.get(self.handles[wid].ping.remote(), timeout=timeout_s)
         except (RayError, GetTimeoutError, KeyError):
@@ -173,7 +200,7 @@ class RayWorkerGroup(WorkerGroup):
                     break
             if info is None:
                 self.mark_dead(wid)
-            elif restart_wait_s and self.records[wid].role == "member" and info["epoch"] < 0:
+            elif restart_wait_s and self.records[wid].role == "member" and info.epoch < 0:
                 self.mark_alive(wid)  # restarted by Ray: same actor, state lost
                 restarted.add(wid)
         return restarted
@@ -206,8 +233,8 @@ class RayWorkerGroup(WorkerGroup):
         rec = self.records[wid]
         if rec.device_key is None:
             info = ray.get(self.handles[wid].ping.remote(), timeout=self.cfg.call_timeout_s)
-            gpus = ",".join(info.get("gpus") or [])
-            key = f"{info['node_id']}:{gpus}" if gpus and self.cfg.device == "cuda" else wid
+            gpus = ",".join(info.gpus)
+            key = f"{info.node_id}:{gpus}" if gpus and self.cfg.device == "cuda" else wid
             self._update(wid, device_key=key)
         return self.records[wid].device_key
 

@@ -14,7 +14,7 @@ from elastic_ep.faults import Step
 from elastic_ep.layout import ExpertLayout
 from elastic_ep.migration import MigrationSchedule, peak_staged_bytes, plan_migration, plan_steps, staged_bytes
 from elastic_ep.plan import TransferPlan, plan_transfers
-from elastic_ep.report import RebalanceReport
+from elastic_ep.report import ReportDraft
 
 if TYPE_CHECKING:  # the controller imports this module
     from actors.controller import Controller
@@ -29,7 +29,7 @@ class Attempt:
     """What one attempt of a reconfiguration has learnt so far (filled in step by step)."""
 
     request: Request
-    rep: RebalanceReport
+    rep: ReportDraft  # frozen into the RebalanceReport once the attempt commits
     load_override: Optional[np.ndarray] = None
     step: Step = Step.DETECT
     restarted: set = field(default_factory=set)  # members Ray restarted empty
@@ -73,7 +73,7 @@ class Reconfiguration:
         self.layers_per_step = int(layers_per_step if layers_per_step is not None
                                    else getattr(ctl.cfg, "layers_per_step", 0))
         self.att = Attempt(request=request, load_override=load_override,
-                           rep=RebalanceReport(reason=request.kind, epoch_from=ctl.epoch, attempt=attempt))
+                           rep=ReportDraft(reason=request.kind, epoch_from=ctl.epoch, attempt=attempt))
 
     @property
     def done(self) -> bool:
@@ -87,7 +87,7 @@ class Reconfiguration:
         self.att.rep.phases[step.value] = self.att.rep.phases.get(step.value, 0.0) + _now() - t0
         return self.att.step
 
-    def run(self) -> RebalanceReport:
+    def run(self) -> ReportDraft:
         while not self.done:
             self.advance()
         return self.att.rep
@@ -210,20 +210,20 @@ class Reconfiguration:
         att.results = results
         for r, res in results.items():  # summed over the steps of a layerwise migration
             timings = rep.worker_timings.setdefault(r, {})
-            for k, v in res["timings_s"].items():
+            for k, v in res.timings_s.items():
                 timings[k] = timings.get(k, 0.0) + v
         # point-to-point bytes of experts that survivors held (relayed reads count as storage)
-        rep.bytes_p2p += int(sum(res["bytes_received"] for res in results.values())) - \
+        rep.bytes_p2p += int(sum(res.bytes_received for res in results.values())) - \
             len(att.plan.relays) * att.plan.expert_bytes
-        rep.bytes_from_backup += int(sum(res["bytes_from_backup"] for res in results.values()))
-        rep.bytes_from_checkpoint += int(sum(res["bytes_from_checkpoint"] for res in results.values()))
+        rep.bytes_from_backup += int(sum(res.bytes_from_backup for res in results.values()))
+        rep.bytes_from_checkpoint += int(sum(res.bytes_from_checkpoint for res in results.values()))
         return Step.VERIFY
 
     def verify(self, att: Attempt) -> Step:
         ctl = self.ctl
         bad = []
         for r, res in att.results.items():
-            for layer, slot, expert, fp in res["staged"]:
+            for layer, slot, expert, fp in res.staged:
                 if att.new.experts_of(r)[layer, slot] != expert or ctl.ref_fp[layer, expert] != fp:
                     bad.append((r, layer, slot, expert))
         if bad:
@@ -238,7 +238,7 @@ class Reconfiguration:
                     f"fingerprints (corrupted?), e.g. (layer, expert) {from_storage[:5]}, and no live replica or "
                     "backup holds them; the previous layout stays in force", from_storage)
             raise TransferError(f"{len(bad)} staged slots failed verification, e.g. (rank, layer, slot, expert) {bad[:5]}")
-        att.rep.slots_verified += int(sum(len(res["staged"]) for res in att.results.values()))
+        att.rep.slots_verified += int(sum(len(res.staged) for res in att.results.values()))
         return Step.PERSIST
 
     def persist(self, att: Attempt) -> Step:

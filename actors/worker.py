@@ -17,6 +17,8 @@ from elastic_ep.executor import ExpertWeights, StagedUpdate, commit, execute_ran
 from elastic_ep.faults import WORKER_PHASES, FaultInjector
 from elastic_ep.plan import RankPlan
 from elastic_ep.checkpoint import CheckpointReader
+from elastic_ep.replies import (Committed, Loaded, PreparedBackups, ServedLoad, SlotFingerprints, Staged,
+                                WorkerPing)
 
 
 class ExpertWorker:
@@ -87,18 +89,14 @@ class ExpertWorker:
 
     # -- control (concurrency group "control") ----------------------------------------
 
-    def ping(self) -> dict:
-        return {
-            "worker_id": self.worker_id,
-            "rank": self.rank,
-            "epoch": self.epoch,
-            "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "gpus": [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])],
-            "busy": self._busy,
-            "groups": sorted(self._groups),
-            "prepared_backups": 0 if self._prepared is None else len(self._prepared[0]),
-        }
+    def ping(self) -> WorkerPing:
+        ctx = ray.get_runtime_context()
+        return WorkerPing(
+            worker_id=self.worker_id, rank=self.rank, epoch=self.epoch, pid=os.getpid(), node_id=ctx.get_node_id(),
+            gpus=tuple(str(g) for g in ctx.get_accelerator_ids().get("GPU", [])), busy=self._busy,
+            groups=tuple(sorted(self._groups)),
+            prepared_backups=0 if self._prepared is None else len(self._prepared[0]),
+        )
 
     def watch(self) -> None:
         """Blocks for as long as this worker lives; the controller learns of a death when it raises."""
@@ -140,7 +138,7 @@ class ExpertWorker:
             self._reader = CheckpointReader(self.checkpoint, self.spec, self.preset)
         return self._reader
 
-    def load(self, rank: int, experts: np.ndarray, epoch: int) -> dict:
+    def load(self, rank: int, experts: np.ndarray, epoch: int) -> Loaded:
         """Load a rank's slots from the checkpoint (start-up): experts [L, S]. Returns fingerprints."""
         self.faults.hit("load")
         experts = np.asarray(experts, dtype=np.int64)
@@ -152,11 +150,7 @@ class ExpertWorker:
         self.weights.experts[:] = experts
         self.rank = int(rank)
         self.epoch = int(epoch)
-        return {
-            "fingerprints": self.weights.fingerprints(),
-            "bytes_read": reader.bytes_read,
-            "load_s": time.perf_counter() - t0,
-        }
+        return Loaded(self.weights.fingerprints(), reader.bytes_read, time.perf_counter() - t0)
 
     def export_experts(self, keys: list[tuple[int, int]]) -> list:
         """Host copies of some experts this worker holds: [(layer, expert, row)].
@@ -172,7 +166,7 @@ class ExpertWorker:
             out.append((int(layer), int(expert), self.weights.rows[layer, s].cpu().numpy()))
         return out
 
-    def prepare_backups(self, backup_refs: dict, timeout_s: float, reserve: float = 1.05) -> dict:
+    def prepare_backups(self, backup_refs: dict, timeout_s: float, reserve: float = 1.05) -> PreparedBackups:
         """Map host backups ahead of need (a hot spare), page-locked on a GPU, so a takeover copies at DMA speed.
 
         ``backup_refs``: {(layer, expert): ObjectRef}. Replaces what was prepared before.
@@ -199,8 +193,8 @@ class ExpertWorker:
             self._prepared = (arrays, region)
         if old is not None and old[1] is not None:
             old[1].release()
-        return {"experts": len(arrays), "pinned_bytes": 0 if region is None else region.nbytes,
-                "pin_error": pin_error, "seconds": time.perf_counter() - t0}
+        return PreparedBackups(experts=len(arrays), pinned_bytes=0 if region is None else region.nbytes,
+                               pin_error=pin_error, seconds=time.perf_counter() - t0)
 
     # -- communicators -----------------------------------------------------------------
 
@@ -236,7 +230,7 @@ class ExpertWorker:
         timeout_s: float,
         backup_refs: Optional[dict] = None,
         max_message_bytes: int = 1 << 30,
-    ) -> dict:
+    ) -> Staged:
         """Stage this rank's part of a plan; live weights stay untouched until commit()."""
         from elastic_ep.transport import CollectiveTransport
 
@@ -283,16 +277,11 @@ class ExpertWorker:
                 staged.timings_s["fingerprint"] = time.perf_counter() - t0
                 self._staged = staged
                 self.faults.hit("staged")
-                return {
-                    "worker_id": self.worker_id,
-                    "epoch": epoch,
-                    "staged": fps,
-                    "timings_s": staged.timings_s,
-                    "bytes_sent": staged.bytes_sent,
-                    "bytes_received": staged.bytes_received,
-                    "bytes_from_backup": stats["from_backup"],
-                    "bytes_from_checkpoint": stats["from_checkpoint"],
-                }
+                return Staged(
+                    worker_id=self.worker_id, epoch=epoch, staged=tuple(fps), timings_s=dict(staged.timings_s),
+                    bytes_sent=staged.bytes_sent, bytes_received=staged.bytes_received,
+                    bytes_from_backup=stats["from_backup"], bytes_from_checkpoint=stats["from_checkpoint"],
+                )
             finally:
                 self._busy = None
 
@@ -350,7 +339,7 @@ class ExpertWorker:
             failed,
         )
 
-    def commit(self, epoch: int, rank: int) -> dict:
+    def commit(self, epoch: int, rank: int) -> Committed:
         """Make the staged update live (atomic per rank: plain copies that cannot fail halfway but by death)."""
         with self._lock:
             staged = self._staged
@@ -364,7 +353,7 @@ class ExpertWorker:
                 self._staged = None
                 self.rank = int(rank)
                 self.epoch = int(epoch)
-            return {"commit_s": time.perf_counter() - t0, "slots": 0 if staged is None else len(staged.slots)}
+            return Committed(commit_s=time.perf_counter() - t0, slots=0 if staged is None else len(staged.slots))
 
     def discard(self, epoch: int) -> None:
         with self._lock:
@@ -380,19 +369,18 @@ class ExpertWorker:
 
     # -- verification and load -----------------------------------------------------------
 
-    def fingerprints(self) -> dict:
-        return {"rank": self.rank, "epoch": self.epoch, "experts": self.weights.experts.copy(),
-                "fingerprints": self.weights.fingerprints()}
+    def fingerprints(self) -> SlotFingerprints:
+        return SlotFingerprints(self.rank, self.epoch, self.weights.experts.copy(), self.weights.fingerprints())
 
-    def take_load(self) -> dict:
+    def take_load(self) -> ServedLoad:
         """Token counts per slot since the last call, with the experts they went to.
 
         ``expert_tokens`` [num_layers, num_experts]: tokens counted before a commit changed
         the slots' experts, already folded per logical expert.
         """
         with self._serve_lock:
-            out = {"experts": self.weights.experts.copy(), "tokens": self._slot_tokens.copy(), "rank": self.rank,
-                   "expert_tokens": self._expert_tokens.copy()}
+            out = ServedLoad(rank=self.rank, experts=self.weights.experts.copy(), tokens=self._slot_tokens.copy(),
+                             expert_tokens=self._expert_tokens.copy())
             self._slot_tokens[:] = 0
             self._expert_tokens[:] = 0
         return out

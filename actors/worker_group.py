@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 from elastic_ep.errors import ElasticEPError, TransferError
+from elastic_ep.replies import WorkerPing
+from elastic_ep.room import add_asks, describe_room, workers_that_fit
 
 
 class Lifecycle(str, enum.Enum):
@@ -95,8 +97,8 @@ class WorkerGroup(ABC):
         """Kill a worker's process (returns once it is gone unless ``restart``)."""
 
     @abstractmethod
-    def ping(self, wid: str, timeout_s: float) -> Optional[dict]:
-        """The worker's ping reply, or None if it is dead or did not answer in time."""
+    def ping(self, wid: str, timeout_s: float) -> Optional[WorkerPing]:
+        """The worker's ping reply (elastic_ep.replies.WorkerPing), or None if it is dead or did not answer in time."""
 
     @abstractmethod
     def submit(self, wid: str, method: str, *args):
@@ -122,18 +124,56 @@ class WorkerGroup(ABC):
         """
         with self._lock:
             wid = f"w{self.next_worker}"
-            index = self.next_worker
+            ((gpu_share, reused),) = self._next_shares(1, fractions)
             self.next_worker += 1
-            if fractions is not None and index < len(fractions):
-                gpu_share = float(fractions[index])
-            else:
-                freed = [r for r in self.records.values() if r.state is Lifecycle.DEAD and not r.share_reused]
-                gpu_share = freed[0].gpu_share if freed else 1.0
-                if freed:
-                    self._update(freed[0].worker_id, share_reused=True)
+            if reused is not None:
+                self._update(reused, share_reused=True)
             self.records[wid] = WorkerRecord(wid, node=int(node), gpu_share=float(gpu_share))
         self._spawn(wid, node, gpu_share)
         return wid
+
+    def _next_shares(self, n: int, fractions: Optional[tuple[float, ...]]) -> list[tuple[float, Optional[str]]]:
+        """(GPU share, id of the dead worker whose share it reuses or None) of the next ``n`` spawns."""
+        with self._lock:
+            freed = [r.worker_id for r in self.records.values() if r.state is Lifecycle.DEAD and not r.share_reused]
+            out = []
+            for index in range(self.next_worker, self.next_worker + n):
+                if fractions is not None and index < len(fractions):
+                    out.append((float(fractions[index]), None))
+                elif freed:
+                    wid = freed.pop(0)
+                    out.append((self.records[wid].gpu_share, wid))
+                else:
+                    out.append((1.0, None))
+            return out
+
+    def free_resources(self) -> Optional[tuple[dict[str, float], bool]]:
+        """({resource: amount free now}, whether workers are pinned to nodes); None: no limit known."""
+        return None
+
+    def ask(self, gpu_share: float, pinned: bool) -> dict[str, float]:
+        """The resources one worker with ``gpu_share`` asks for ({} : nothing)."""
+        return {}
+
+    def room(self, n: int, fractions: Optional[tuple[float, ...]] = None) -> tuple[Optional[int], str]:
+        """How many of the next ``n`` workers may be started now (None: no limit known), and the numbers why.
+
+        Resources of dead workers that still hold a role (members and spares a decision has not
+        replaced yet) count as free: Ray releases them once it notices the death, so a
+        replacement is never refused for what its dead predecessor still holds.
+        """
+        got = self.free_resources()
+        if got is None:
+            return None, ""
+        free, pinned = got
+        asks = [self.ask(share, pinned) for share, _ in self._next_shares(n, fractions)]
+        with self._lock:
+            held = [r for r in self.records.values() if r.state is Lifecycle.DEAD and r.role is not None]
+        freed = add_asks([self.ask(r.gpu_share, pinned) for r in held])
+        fit = workers_that_fit(add_asks([free, freed]), asks)
+        if fit is None:
+            return None, ""
+        return fit, describe_room(free, freed, asks[0], fit)
 
     def _update(self, wid: str, **changes) -> None:
         with self._lock:

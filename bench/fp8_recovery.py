@@ -96,9 +96,9 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         with ElasticEPCluster(cfg) as cluster:
             result["start_s"] = time.perf_counter() - t0
-            result["start"] = cluster.last_start
+            result["start"] = cluster.last_start.to_dict()
             cluster.run_workload(batches=8, seed=1, zipf_s=1.5)
-            result["rebalance"] = cluster.rebalance()
+            result["rebalance"] = cluster.rebalance().to_dict()
             st = cluster.status()
             spare = st["spares"][0]
             deadline = time.monotonic() + 300
@@ -114,7 +114,7 @@ def run(args) -> dict:
             st = cluster.wait_healthy(timeout_s=600)
             result["kill_to_healthy_s"] = time.perf_counter() - t_kill
             result["recover"] = next(h for h in reversed(st["history"]) if h["reason"] == "recover")
-            result["verify"] = cluster.verify(against_checkpoint=args.verify_checkpoint)
+            result["verify"] = cluster.verify(against_checkpoint=args.verify_checkpoint).to_dict()
     finally:
         ray.shutdown()
     return result

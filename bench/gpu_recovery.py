@@ -314,18 +314,18 @@ def run_elastic(spec, ckpt, num_gpus, args, workdir) -> tuple[dict, ExpertLayout
         t0 = time.perf_counter()
         info = cluster.start()
         out["start_s"] = time.perf_counter() - t0
-        out["start"] = info
+        out["start"] = info.to_dict()
         # page-locking backups in the background holds the driver: rebalance once it is done
         out["prepared_before_rebalance"] = _wait_spare_prepared(cluster, timeout_s=300)
         cluster.run_workload(batches=16, tokens_per_batch=16384, seed=0, zipf_s=1.2)
         reb = cluster.rebalance()
-        out["rebalance"] = reb
-        wt = reb["worker_timings"]
+        out["rebalance"] = reb.to_dict()
+        wt = reb.worker_timings
         xfer = max((t.get("transfer", 0.0) for t in wt.values()), default=0.0)
         exch = max((t.get("exchange", 0.0) for t in wt.values()), default=0.0)
-        out["rebalance_p2p_GBps"] = reb["bytes_p2p"] / xfer / GB if xfer else None
-        out["rebalance_exchange_GBps"] = reb["bytes_p2p"] / exch / GB if exch else None
-        assert cluster.verify()["ok"]
+        out["rebalance_p2p_GBps"] = reb.bytes_p2p / xfer / GB if xfer else None
+        out["rebalance_exchange_GBps"] = reb.bytes_p2p / exch / GB if exch else None
+        assert cluster.verify().ok
         out["spare_prepared"] = _wait_spare_prepared(cluster, timeout_s=300)
         before = ExpertLayout.from_dict(cluster.status()["layout"])
         dead = before.ranks[-1]
@@ -336,8 +336,8 @@ def run_elastic(spec, ckpt, num_gpus, args, workdir) -> tuple[dict, ExpertLayout
         out["recover"] = rec
         out["kill_to_committed_s"] = rec["committed_at"] - t_kill if rec.get("committed_at") else None
         ver = cluster.verify(against_checkpoint=args.verify_checkpoint)
-        out["verified"] = ver["ok"]
-        out["slots_checked"] = ver["slots_checked"]
+        out["verified"] = ver.ok
+        out["slots_checked"] = ver.slots_checked
         return out, before, dead
     finally:
         cluster.shutdown()
@@ -466,8 +466,8 @@ def print_table(r: dict) -> None:
           f"(of the storage reads, {rec['plan'].get('bytes_relayed', 0) / GB:.2f} GB read by survivors and relayed); "
           f"verified {e['verified']}")
     reb = e["rebalance"]
-    print(f"{'4. elastic-ep: load-driven rebalance':52s} {reb['total_s']:9.3f}  "
-          f"p2p {reb['bytes_p2p'] / GB:.2f} GB; transfer (packing pipelined with NCCL) at "
+    print(f"{'4. elastic-ep: load-driven rebalance':52s} {reb.total_s:9.3f}  "
+          f"p2p {reb.bytes_p2p / GB:.2f} GB; transfer (packing pipelined with NCCL) at "
           f"{e['rebalance_p2p_GBps'] or 0:.0f} GB/s = {100 * (e['rebalance_p2p_GBps'] or 0) / c['bidirectional_GBps']:.0f}% "
           f"of the bidirectional ceiling")
     v = r.get("rebalance_vs_ceiling") or {}

@@ -80,8 +80,8 @@ def run_arm(cluster, oracle, reader, args, stop_the_world: bool, victim: Optiona
     if stop_the_world:
         stream = _stream(cluster, oracle, log, args)
     time.sleep(args.steady_s)
-    moves = {"rebalance_commits": rep["commits"], "rebalance_moved_slots": rep["plan"].get("transfers", 0),
-             "rebalance_peak_staged_bytes": max(rep["staging_peak_bytes"].values(), default=0)}
+    moves = {"rebalance_commits": rep.commits, "rebalance_moved_slots": rep.plan.get("transfers", 0),
+             "rebalance_peak_staged_bytes": max(rep.staging_peak_bytes.values(), default=0)}
     if victim is None:
         stream.stop()
         return _row(log, "layerwise" if layers_per_step else "elastic", None, moves), log

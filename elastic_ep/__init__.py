@@ -7,12 +7,13 @@ actors, transport, storage) needs Ray and torch and is imported lazily.
 from .config import ClusterConfig, ModelSpec
 from .errors import *  # noqa: F401,F403  (typed errors are part of the public API)
 from .layout import ExpertLayout
-from .status import ClusterStatus, CommittedView
+from .report import RebalanceReport
+from .status import ClusterStatus, CommittedView, StartReport, VerifyResult
 
 __version__ = "0.1.0"
 
-__all__ = ["ClusterConfig", "ModelSpec", "ExpertLayout", "ClusterStatus", "CommittedView", "ElasticEPCluster",
-           "__version__"]
+__all__ = ["ClusterConfig", "ModelSpec", "ExpertLayout", "ClusterStatus", "CommittedView", "RebalanceReport",
+           "StartReport", "VerifyResult", "ElasticEPCluster", "__version__"]
 
 
 def __getattr__(name):

@@ -179,7 +179,7 @@ class ChaosRunner:
                 load, _, victim = self._load_where(st, lambda p: sorted(set(p.transfers[:, col].tolist())))
             delay = 0.002 if name == "transfer_send" else 0.0  # dies during the exchange, not before it
             c.arm_worker_fault(victim, name, delay)
-            res.failures = c.rebalance(load)["failures"]
+            res.failures = list(c.rebalance(load).failures)
         elif name == "fetch":
             victim = pick(self._unique_holder_ranks(st, unique=True) or ranks)
             c.arm_worker_fault(st["spares"][0], "fetch")  # the spare that takes over loads the dead rank's experts
@@ -272,9 +272,9 @@ class ChaosRunner:
         res.kills = len(set(after["dead"]) - dead_before) + (extra or {}).get("controller_restarts", 0)
         res.epoch_to = after["epoch"]
         if verify is not None:
-            res.corrupted_slots = int(verify["num_bad"])
-            if verify["ranks_unreachable"]:
-                res.errors.append(f"ranks unreachable: {verify['ranks_unreachable']}")
+            res.corrupted_slots = int(verify.num_bad)
+            if verify.ranks_unreachable:
+                res.errors.append(f"ranks unreachable: {list(verify.ranks_unreachable)}")
         res.lost_experts = len(after["lost"]) + len(after["unserved"])
         if after["epoch"] < res.epoch_from:
             res.errors.append(f"epoch moved backwards: {res.epoch_from} -> {after['epoch']}")
@@ -286,7 +286,7 @@ class ChaosRunner:
             c.disarm_faults()  # a phase the scenario did not reach must not fire in a later one
         except Exception as exc:  # noqa: BLE001
             res.errors.append(f"disarm: {type(exc).__name__}: {exc}")
-        res.ok = (not res.hang and verify is not None and verify["ok"] and res.corrupted_slots == 0
+        res.ok = (not res.hang and verify is not None and verify.ok and res.corrupted_slots == 0
                   and res.lost_experts == 0 and not [e for e in res.errors if not e.startswith("note:")])
         if not res.hang:
             self._restore(res)

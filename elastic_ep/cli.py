@@ -89,7 +89,7 @@ def cmd_demo(args) -> int:
     from .timeline import write_timeline
     from .serving.oracle import CheckpointOracle
     from .workload import SkewedRouter
-    from .report import critical_path_s, format_report
+    from .report import RebalanceReport, format_report
     from .storage import write_synthetic_checkpoint
 
     t_all = time.perf_counter()
@@ -110,9 +110,9 @@ def cmd_demo(args) -> int:
     summary = {}
     try:
         info = cluster.start()
-        print(f"   started in {time.perf_counter() - t0:.1f}s: weights loaded {info['load_s']:.2f}s "
-              f"({info['checkpoint_bytes'] / 2**20:.1f} MiB read), host backups {info['backup_s']:.2f}s, "
-              f"communicators {1e3 * info['group_s']:.0f}ms")
+        print(f"   started in {time.perf_counter() - t0:.1f}s: weights loaded {info.load_s:.2f}s "
+              f"({info.checkpoint_bytes / 2**20:.1f} MiB read), host backups {info.backup_s:.2f}s, "
+              f"communicators {1e3 * info.group_s:.0f}ms")
 
         t0 = _step("3. serve: a skewed, drifting router's tokens through every MoE layer on the workers")
         client, oracle = cluster.client(), CheckpointOracle(str(ckpt), spec, "deepseek")
@@ -134,7 +134,7 @@ def cmd_demo(args) -> int:
         rep = cluster.rebalance()
         log.mark("rebalance_commit")
         print(format_report(rep))
-        summary["rebalance_s"] = rep["total_s"]
+        summary["rebalance_s"] = rep.total_s
         time.sleep(args.steady_s)
 
         t0 = _step("5. SIGKILL rank 2's worker while serving; calls mask it at once, a hot spare takes over")
@@ -142,12 +142,12 @@ def cmd_demo(args) -> int:
         sigkill_workers(cluster, [2])
         log.mark("detect", "rank 2")
         status = cluster.wait_healthy(timeout_s=90)
-        rec = next(h for h in reversed(status["history"]) if h["reason"] == "recover")
-        log.mark("commit", "rank 2", t_s=rec.get("committed_at"))  # the recovery's commit, not the spare refill
+        rec = RebalanceReport.from_dict(next(h for h in reversed(status["history"]) if h["reason"] == "recover"))
+        log.mark("commit", "rank 2", t_s=rec.committed_at)  # the recovery's commit, not the spare refill
         time.sleep(args.steady_s)
         stream.stop()
         print(format_report(rec))
-        summary["recover_s"] = critical_path_s(rec["phases"])
+        summary["recover_s"] = rec.critical_path_s
         served.wrong += stream.wrong
         served.checked += log.summary().checked_calls
         served.tokens += log.summary().tokens_served
@@ -167,11 +167,11 @@ def cmd_demo(args) -> int:
 
         t0 = _step("6. verify every slot against the checkpoint")
         ver = cluster.verify(against_checkpoint=True)
-        print(f"   {ver['slots_checked']} slots checked, {ver['num_bad']} bad -> {'OK' if ver['ok'] else 'FAILED'} "
+        print(f"   {ver.slots_checked} slots checked, {ver.num_bad} bad -> {'OK' if ver.ok else 'FAILED'} "
               f"({time.perf_counter() - t0:.2f}s)")
-        summary["verified"] = ver["ok"]
-        if not ver["ok"]:
-            print(json.dumps(ver["bad"], indent=1))
+        summary["verified"] = ver.ok
+        if not ver.ok:
+            print(json.dumps(ver.to_dict()["bad"], indent=1))
             return 1
     finally:
         cluster.shutdown()
@@ -257,10 +257,10 @@ def cmd_cluster(args) -> int:
             return 0
         if args.cmd == "verify":
             ver = cluster.verify(against_checkpoint=args.checkpoint)
-            _print_result(args, ver, f"{ver['slots_checked']} slots checked at epoch {ver['epoch']}, "
-                                     f"{ver['num_bad']} bad, unreachable ranks {ver['ranks_unreachable']} -> "
-                                     f"{'OK' if ver['ok'] else 'FAILED'}")
-            return 0 if ver["ok"] else 1
+            _print_result(args, ver.to_dict(), f"{ver.slots_checked} slots checked at epoch {ver.epoch}, "
+                                               f"{ver.num_bad} bad, unreachable ranks {list(ver.ranks_unreachable)} "
+                                               f"-> {'OK' if ver.ok else 'FAILED'}")
+            return 0 if ver.ok else 1
         if args.cmd == "stop":
             cluster.shutdown()
             _print_result(args, {"stopped": cluster.prefix}, f"stopped cluster {cluster.prefix}")
@@ -275,13 +275,13 @@ def cmd_cluster(args) -> int:
             rep = cluster.drain(args.rank)
         text = format_report(rep)
         if args.cmd == "drain":
-            when = rep.get("safe_to_terminate_at")
-            released = ", ".join(rep.get("released") or []) or "none"
+            when = rep.safe_to_terminate_at
+            released = ", ".join(rep.released) or "none"
             text += (f"\n  rank {args.rank} holds no slot any more (released worker: {released}): "
                      + (f"safe to terminate its process or node since "
                         f"{time.strftime('%H:%M:%S', time.localtime(when))}" if when is not None
                         else "NOT yet safe to terminate"))
-        _print_result(args, rep, text)
+        _print_result(args, rep.to_dict(), text)
         return 0
 
 
@@ -299,9 +299,9 @@ def cmd_start(args) -> int:
         info = cluster.start(detached=True)
     finally:
         cluster.detach()  # the cluster keeps running; this process lets go of Ray
-    result = {"cluster": cluster.prefix, "name": args.name, "state_dir": cluster.state_dir, **info}
+    result = {"cluster": cluster.prefix, "name": args.name, "state_dir": cluster.state_dir, **info.to_dict()}
     _print_result(args, result, f"started cluster {cluster.prefix}: {args.ranks} ranks x {args.slots} slots + "
-                                f"{args.spares} spares in {info['start_s']:.1f}s (state in {cluster.state_dir}); "
+                                f"{args.spares} spares in {info.start_s:.1f}s (state in {cluster.state_dir}); "
                                 f"it keeps running after this command: `elastic-ep stop --name {args.name}` ends it")
     return 0
 

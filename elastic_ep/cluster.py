@@ -14,6 +14,8 @@ import numpy as np
 
 from .config import ClusterConfig
 from .errors import ClusterNotFoundError, ConfigError, ElasticEPError
+from .report import RebalanceReport
+from .status import StartReport, VerifyResult
 from .workload import SkewedRouter
 
 
@@ -42,8 +44,8 @@ class ElasticEPCluster:
     >>> cluster = ElasticEPCluster(ClusterConfig(checkpoint="ckpt/"))
     >>> cluster.start()
     >>> cluster.run_workload(batches=8)
-    >>> report = cluster.rebalance()
-    >>> cluster.verify()["ok"]
+    >>> report = cluster.rebalance()  # a RebalanceReport: report.phases, report.bytes_p2p, ...
+    >>> cluster.verify().ok
     True
     >>> cluster.shutdown()
     """
@@ -59,12 +61,12 @@ class ElasticEPCluster:
         self._client = None  # the client behind moe() and run_workload()
         self.state_dir = config.state_dir or tempfile.mkdtemp(prefix="eep-state-")
         self.prefix = f"{config.name}-{uuid.uuid4().hex[:6]}"
-        self.last_start: Optional[dict] = None
+        self.last_start: Optional[StartReport] = None
         self._attached = False  # True: reached through attach(); leaving detaches instead of stopping
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self, detached: bool = False, progress: Optional[bool] = None) -> dict:
+    def start(self, detached: bool = False, progress: Optional[bool] = None) -> StartReport:
         """Connect to Ray (embedded when no address is given), start the controller and workers.
 
         ``detached``: the controller outlives this process (``elastic-ep start``); stop it with
@@ -76,7 +78,7 @@ class ElasticEPCluster:
         from actors.controller import controller_actor_class
 
         if self._controller is not None:
-            return self.last_start or {}
+            return self.last_start or StartReport(resumed=True)
         if not ray.is_initialized():
             kwargs = dict(runtime_env=worker_runtime_env(), log_to_driver=False, namespace=NAMESPACE)
             if self.config.address is None:
@@ -224,7 +226,7 @@ class ElasticEPCluster:
         ``elastic_ep.status.ClusterStatus`` (epoch, ranks, spares, dead, lost, unserved, layout, history, ...)."""
         return self._call("status").to_dict()
 
-    def drain(self, rank: int) -> dict:
+    def drain(self, rank: int) -> RebalanceReport:
         """Move a live rank's experts to the others, commit, then release its worker process.
 
         Returns the report; ``safe_to_terminate_at`` (wall clock) is when the released
@@ -234,14 +236,14 @@ class ElasticEPCluster:
         """
         return self._call("drain", rank)
 
-    def rebalance(self, load=None, layers_per_step: Optional[int] = None) -> dict:
+    def rebalance(self, load=None, layers_per_step: Optional[int] = None) -> RebalanceReport:
         """Re-place experts by the recorded load, or by ``load`` [num_layers, num_experts] when given.
 
         layers_per_step: MoE layers migrated per commit (None: ``ClusterConfig.layers_per_step``;
         0: the whole model in one commit); the report's ``migration_steps``, ``commits`` and
         ``staging_peak_bytes`` say how it went.
 
-        Returns a report of what moved and each phase's time. Calls from several threads
+        Returns a RebalanceReport of what moved and each phase's time (``to_dict()`` for JSON). Calls from several threads
         run one after the other, never interleaved. If the controller dies mid-way the
         call is retried on the restarted controller, which first rolls the interrupted
         one back or forward (see actors/controller.py, "Commit protocol").
@@ -251,17 +253,17 @@ class ElasticEPCluster:
         limit = steps * (self.config.call_timeout_s + 2 * self.config.transfer_timeout_s)  # a bound per commit
         return self._call("rebalance", None if load is None else np.asarray(load), layers_per_step, timeout=limit)
 
-    def recover(self) -> dict:
+    def recover(self) -> RebalanceReport:
         """Heal dead ranks now (the controller also does this on its own when auto_recover is on)."""
         return self._call("recover")
 
-    def grow(self, num_ranks: int = 1) -> dict:
+    def grow(self, num_ranks: int = 1) -> RebalanceReport:
         return self._call("grow", num_ranks)
 
-    def shrink(self, ranks: Union[int, list[int]]) -> dict:
+    def shrink(self, ranks: Union[int, list[int]]) -> RebalanceReport:
         return self._call("shrink", [ranks] if isinstance(ranks, int) else list(ranks))
 
-    def verify(self, against_checkpoint: bool = False, progress: Optional[bool] = None) -> dict:
+    def verify(self, against_checkpoint: bool = False, progress: Optional[bool] = None) -> VerifyResult:
         """Check every slot's weights against its logical expert's reference fingerprint."""
         if against_checkpoint:
             limit = self.config.call_timeout_s + 2 * self.config.transfer_timeout_s  # as _call's default

@@ -47,7 +47,9 @@ class ClusterView:
     rank_nodes: rank -> logical node, as the committed layout has it.
     spares: worker ids of spares in start order (dead ones included).
     restarted: members Ray restarted in place (alive, slots empty).
-    startable: how many more workers may be started (None: no limit known).
+    startable: how many more workers may be started (None: no limit known), from what Ray
+    says is free with dead members' and spares' resources counted as freed (elastic_ep.room);
+    startable_note: the numbers behind it, quoted by a refusal.
     """
 
     members: dict[int, str]
@@ -63,6 +65,7 @@ class ClusterView:
     restarted: frozenset[str] = frozenset()
     draining: frozenset[int] = frozenset()
     startable: Optional[int] = None
+    startable_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -231,10 +234,11 @@ def decide(view: ClusterView, request: Request) -> Decision:
     short = max(0, -(-need // spr) - (len(members) + len(starts)))  # ranks missing for capacity
     cold = orphans[:short]
     if startable is not None and len(starts) + len(cold) > startable:
-        raise CapacityError(
-            f"{len(starts) + len(cold)} workers must be started (ranks {[s.rank for s in starts] + cold}) but only "
-            f"{startable} may be; without them " + _capacity_message(len(members) + min(len(starts), startable), view)
-        )
+        why = (f"{len(starts) + len(cold)} workers must be started (ranks {[s.rank for s in starts] + cold}) but only "
+               f"{startable} may be")
+        if cold:
+            why += "; without them " + _capacity_message(len(members) + min(len(starts), startable), view)
+        raise CapacityError(why + (f" ({view.startable_note})" if view.startable_note else ""))
     for rank in orphans:
         if rank in cold:
             starts.append(WorkerStart(node=rank_nodes[rank], rank=rank))

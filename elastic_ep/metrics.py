@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Union
+
+if TYPE_CHECKING:
+    from .report import RebalanceReport
 
 log = logging.getLogger("elastic_ep.metrics")
 
@@ -83,26 +86,26 @@ def _tags(cluster: str, **tags: str) -> tuple[tuple[str, str], ...]:
 # -- pure: what to record --------------------------------------------------------------------
 
 
-def reconfiguration_samples(cluster: str, report: dict) -> list[Sample]:
-    """The updates one finished reconfiguration makes (a ``RebalanceReport.to_dict()``)."""
-    reason = report["reason"]
-    outcome = "noop" if report.get("noop") else "committed"
+def reconfiguration_samples(cluster: str, report: "RebalanceReport") -> list[Sample]:
+    """The updates one finished reconfiguration makes (an ``elastic_ep.report.RebalanceReport``)."""
+    reason = report.reason
+    outcome = "noop" if report.noop else "committed"
     out = [
         Sample("elastic_ep_reconfigurations_total", 1.0, _tags(cluster, reason=reason, outcome=outcome, error="")),
-        Sample("elastic_ep_reconfiguration_seconds", float(report.get("total_s", 0.0)),
+        Sample("elastic_ep_reconfiguration_seconds", float(report.total_s),
                _tags(cluster, reason=reason, outcome=outcome)),
     ]
-    for phase, seconds in sorted(report.get("phases", {}).items()):
+    for phase, seconds in sorted(report.phases.items()):
         out.append(Sample("elastic_ep_phase_seconds", float(seconds), _tags(cluster, reason=reason, phase=phase)))
     for key, source in BYTE_SOURCES.items():
-        moved = int(report.get(key, 0) or 0)
+        moved = int(getattr(report, key) or 0)
         if moved > 0:  # a Ray counter only takes positive increments
             out.append(Sample("elastic_ep_moved_bytes_total", float(moved), _tags(cluster, source=source)))
-    after = (report.get("balance") or {}).get("after")
+    after = report.balance.get("after")
     if after is not None:
         out.append(Sample("elastic_ep_rank_load_imbalance", float(after), _tags(cluster)))
-    if report.get("epoch_to") is not None:
-        out.append(Sample("elastic_ep_epoch", float(report["epoch_to"]), _tags(cluster)))
+    if report.epoch_to is not None:
+        out.append(Sample("elastic_ep_epoch", float(report.epoch_to), _tags(cluster)))
     return out
 
 
@@ -186,7 +189,7 @@ def apply(samples: Iterable[Sample]) -> int:
     return done
 
 
-def record_reconfiguration(cluster: str, report: dict) -> int:
+def record_reconfiguration(cluster: str, report: "RebalanceReport") -> int:
     """Record a finished reconfiguration (controller: after it commits or finds nothing to move)."""
     return apply(reconfiguration_samples(cluster, report))
 

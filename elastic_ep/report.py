@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Optional
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Optional, Union
+
+from .status import ReadAsDict
 
 
-@dataclass
-class RebalanceReport:
-    """The outcome of one rebalance or recovery (JSON friendly through ``to_dict``).
+@dataclass(frozen=True)
+class RebalanceReport(ReadAsDict):
+    """The outcome of one rebalance, recovery, grow, shrink or drain (what the cluster API returns).
 
     phases: seconds per step of the controller's state machine, keyed by ``elastic_ep.faults.Step``
     values (detect, decide, plan, communicators, transfer, verify, persist, commit, replenish).
@@ -16,6 +18,9 @@ class RebalanceReport:
     migration_steps / commits: steps the move was cut into (1: the whole model at once; more: layerwise,
     see ``elastic_ep.migration``) and commits made; staging_peak_bytes: rank -> the most bytes it
     staged at once (received, read or copied, held until a commit).
+    plan: ``TransferPlan.summary()`` (keeps, copies, transfers, fetches, stages, bytes, ...).
+    ``to_dict()`` is its JSON form (rank keys as str), the form ``status()["history"]`` keeps;
+    ``report["key"]`` reads that form too (backward compatibility; prefer attributes).
     """
 
     reason: str
@@ -25,37 +30,78 @@ class RebalanceReport:
     noop: bool = False
     phases: dict[str, float] = field(default_factory=dict)
     replaced: dict[int, str] = field(default_factory=dict)  # rank -> worker that took it over
-    dropped: list[int] = field(default_factory=list)
-    added: list[int] = field(default_factory=list)
-    plan: dict = field(default_factory=dict)
+    dropped: tuple[int, ...] = ()
+    added: tuple[int, ...] = ()
+    plan: dict[str, Any] = field(default_factory=dict)
     bytes_p2p: int = 0
     bytes_from_backup: int = 0
     bytes_from_checkpoint: int = 0
     slots_verified: int = 0
     balance: dict[str, float] = field(default_factory=dict)  # mean over layers of max/mean rank load
-    worker_timings: dict[int, dict] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    worker_timings: dict[int, dict[str, float]] = field(default_factory=dict)  # rank -> executor seconds
+    failures: tuple[str, ...] = ()  # attempts that failed before the one that committed
+    notes: tuple[str, ...] = ()
     total_s: float = 0.0
     since_death_s: Optional[float] = None  # recoveries: from the death being noticed to commit
     committed_at: Optional[float] = None  # wall-clock time (time.time()) the new layout became live
-    released: list[str] = field(default_factory=list)  # workers let go (shrink beyond the spare pool, drain)
+    released: tuple[str, ...] = ()  # workers let go (shrink beyond the spare pool, drain)
     safe_to_terminate_at: Optional[float] = None  # drain: wall clock from which the released process may end
     migration_steps: int = 0
     commits: int = 0
     staging_peak_bytes: dict[int, int] = field(default_factory=dict)
+    started_at: Optional[float] = None  # wall clock the request began
+    finished_at: Optional[float] = None  # wall clock it returned
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         d["replaced"] = {str(k): v for k, v in self.replaced.items()}
         d["worker_timings"] = {str(k): v for k, v in self.worker_timings.items()}
         d["staging_peak_bytes"] = {str(k): v for k, v in self.staging_peak_bytes.items()}
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RebalanceReport":
+        """The report of a ``to_dict()`` (e.g. an entry of ``status()["history"]``); unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        values["replaced"] = {int(k): v for k, v in d.get("replaced", {}).items()}
+        values["worker_timings"] = {int(k): v for k, v in d.get("worker_timings", {}).items()}
+        values["staging_peak_bytes"] = {int(k): v for k, v in d.get("staging_peak_bytes", {}).items()}
+        return cls(**values)
+
     @property
     def critical_path_s(self) -> float:
         """Seconds from detection to commit (spare replenishment happens after)."""
         return critical_path_s(self.phases)
+
+
+class ReportDraft:
+    """A RebalanceReport being filled in while a reconfiguration runs: the same fields, mutable
+    (lists where the report has tuples); ``freeze()`` gives the report."""
+
+    def __init__(self, **values):
+        for f in fields(RebalanceReport):
+            if f.name in values:
+                v = values[f.name]
+            elif f.default_factory is not MISSING:
+                v = f.default_factory()
+            elif f.default is not MISSING:
+                v = f.default
+            else:
+                raise TypeError(f"ReportDraft needs {f.name}")
+            object.__setattr__(self, f.name, list(v) if isinstance(v, tuple) else v)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in RebalanceReport.__dataclass_fields__:
+            raise AttributeError(f"a RebalanceReport has no field {name!r}")
+        object.__setattr__(self, name, value)
+
+    def freeze(self) -> RebalanceReport:
+        values = {}
+        for f in fields(RebalanceReport):
+            v = getattr(self, f.name)
+            values[f.name] = tuple(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
+        return RebalanceReport(**values)
 
 
 def critical_path_s(phases: dict) -> float:
@@ -74,37 +120,37 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def format_report(d: dict) -> str:
-    """A short human-readable rendering of a report dict."""
-    ph = d.get("phases", {})
-    parts = [f"{k} {1e3 * v:.0f}ms" for k, v in ph.items()]
+def format_report(report: Union[RebalanceReport, dict]) -> str:
+    """A short human-readable rendering of a report (or of its dict, e.g. a ``status()["history"]`` entry)."""
+    r = RebalanceReport.from_dict(report) if isinstance(report, dict) else report
+    parts = [f"{k} {1e3 * v:.0f}ms" for k, v in r.phases.items()]
     lines = [
-        f"{d['reason']}: epoch {d['epoch_from']} -> {d.get('epoch_to')}"
-        + (" (nothing to move)" if d.get("noop") else "")
-        + (f", attempt {d['attempt']}" if d.get("attempt", 1) > 1 else ""),
+        f"{r.reason}: epoch {r.epoch_from} -> {r.epoch_to}"
+        + (" (nothing to move)" if r.noop else "")
+        + (f", attempt {r.attempt}" if r.attempt > 1 else ""),
         "  phases: " + ", ".join(parts),
-        f"  moved: p2p {human_bytes(d['bytes_p2p'])}, backups {human_bytes(d['bytes_from_backup'])}, "
-        f"checkpoint {human_bytes(d['bytes_from_checkpoint'])}; slots verified {d['slots_verified']}",
+        f"  moved: p2p {human_bytes(r.bytes_p2p)}, backups {human_bytes(r.bytes_from_backup)}, "
+        f"checkpoint {human_bytes(r.bytes_from_checkpoint)}; slots verified {r.slots_verified}",
     ]
-    plan = d.get("plan") or {}
+    plan = r.plan
     if plan:
         lines.append(
             f"  plan: keep {plan.get('keeps')}, copy {plan.get('copies')}, receive {plan.get('transfers')}, "
             f"fetch {plan.get('fetches')} in {plan.get('stages')} stages"
         )
-    if d.get("migration_steps", 0) > 1 or d.get("staging_peak_bytes"):
-        lines.append(f"  migration: {d.get('commits', 0)} of {d.get('migration_steps', 0)} steps committed, peak staging "
-                     f"per rank {human_bytes(max(d.get('staging_peak_bytes', {}).values(), default=0))}")
-    if d.get("balance"):
-        lines.append("  balance (max/mean rank load): " + ", ".join(f"{k} {v:.3f}" for k, v in d["balance"].items()))
-    if d.get("replaced"):
-        lines.append("  replaced: " + ", ".join(f"rank {r} -> {w}" for r, w in d["replaced"].items()))
-    if d.get("dropped"):
-        lines.append(f"  dropped ranks: {d['dropped']}")
-    if d.get("added"):
-        lines.append(f"  added ranks: {d['added']}")
-    for f in d.get("failures", []):
+    if r.migration_steps > 1 or r.staging_peak_bytes:
+        lines.append(f"  migration: {r.commits} of {r.migration_steps} steps committed, peak staging "
+                     f"per rank {human_bytes(max(r.staging_peak_bytes.values(), default=0))}")
+    if r.balance:
+        lines.append("  balance (max/mean rank load): " + ", ".join(f"{k} {v:.3f}" for k, v in r.balance.items()))
+    if r.replaced:
+        lines.append("  replaced: " + ", ".join(f"rank {k} -> {w}" for k, w in r.replaced.items()))
+    if r.dropped:
+        lines.append(f"  dropped ranks: {list(r.dropped)}")
+    if r.added:
+        lines.append(f"  added ranks: {list(r.added)}")
+    for f in r.failures:
         lines.append(f"  retried after: {f}")
-    for n in d.get("notes", []):
+    for n in r.notes:
         lines.append(f"  note: {n}")
     return "\n".join(lines)

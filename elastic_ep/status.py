@@ -1,4 +1,4 @@
-"""What crosses the controller's actor boundary about the cluster's state: ClusterStatus and CommittedView."""
+"""What the controller answers its callers about the cluster: status, committed view, start and verify results."""
 
 from __future__ import annotations
 
@@ -6,6 +6,60 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
+
+
+class ReadAsDict:
+    """``result["key"]`` reads ``result.to_dict()["key"]``: results that were dicts once stay readable as dicts
+    (backward compatibility; new code reads attributes)."""
+
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+    def to_dict(self) -> dict:
+        """The JSON-friendly form (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class StartReport(ReadAsDict):
+    """What ``ElasticEPCluster.start()`` did: seconds per part, bytes read and backed up.
+
+    resumed: the controller was already started (e.g. it restarted and resumed): nothing was started.
+    """
+
+    start_s: float = 0.0
+    load_s: float = 0.0  # every rank reading its slots from the checkpoint
+    backup_s: float = 0.0  # host backups made
+    backup_bytes: int = 0
+    group_s: float = 0.0  # the first communicator generation formed
+    checkpoint_bytes: int = 0
+    resumed: bool = False
+
+
+@dataclass(frozen=True)
+class BadSlot:
+    """One slot that failed ``verify``: why is "wrong expert" or "fingerprint mismatch"."""
+
+    rank: int
+    layer: int
+    slot: int
+    why: str
+    expert: Optional[int] = None  # the logical expert the layout puts there (fingerprint mismatches)
+
+
+@dataclass(frozen=True)
+class VerifyResult(ReadAsDict):
+    """``ElasticEPCluster.verify()``: every live slot's fingerprint against its logical expert's reference.
+
+    bad: the first 20 bad slots (num_bad counts all); ranks_unreachable: members that did not answer.
+    """
+
+    ok: bool
+    slots_checked: int
+    bad: tuple[BadSlot, ...]
+    num_bad: int
+    ranks_unreachable: tuple[int, ...]
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -16,8 +70,8 @@ class ClusterStatus:
     ranks: {rank: worker id} (dead members stay until replaced); spares: [worker id].
     dead: [worker id] every worker seen dead; death_times: {worker id: wall clock noticed}.
     lost: [(layer, expert)] with no copy anywhere; unserved: [(layer, expert)] no live rank holds now.
-    backed_up: experts with a host backup; spares_prepared / members_prepared: {worker id: result of
-    mapping the backups, "preparing", or the error}. node_ids: {logical node: Ray node id};
+    backed_up: experts with a host backup; spares_prepared / members_prepared: {worker id: the fields of
+    its elastic_ep.replies.PreparedBackups as a dict, "preparing", or the error}. node_ids: {logical node: Ray node id};
     rank_nodes: {rank: logical node}; layout: ExpertLayout.to_dict() of the committed layout.
     last_error: why the last reconfiguration could not be done (None once one succeeds).
     restarts: controller restarts; busy: a reconfiguration runs; load_reports: reports in the window.

@@ -67,7 +67,7 @@ def sigkill_workers(cluster, ranks_or_wids, timeout_s: float = 30.0) -> list[str
     targets = []
     for who in ranks_or_wids:
         info = ray.get(cluster.worker(who).ping.remote(), timeout=timeout_s)
-        targets.append((info["worker_id"], info["pid"]))
+        targets.append((info.worker_id, info.pid))
     for _, pid in targets:
         os.kill(pid, signal.SIGKILL)
     wids = [w for w, _ in targets]

@@ -51,8 +51,8 @@ def main() -> int:
                             state_dir=str(Path(work) / "state"), address="auto" if on_cluster else None)
         with ElasticEPCluster(cfg, ray_init_kwargs=None if on_cluster else {"num_cpus": 2}) as cluster:
             info = cluster.last_start
-            print(f"started {cfg.num_ranks} ranks x {cfg.slots_per_rank} slots in {info['start_s']:.1f}s "
-                  f"({info['checkpoint_bytes'] // 1024} KiB read from the checkpoint)")
+            print(f"started {cfg.num_ranks} ranks x {cfg.slots_per_rank} slots in {info.start_s:.1f}s "
+                  f"({info.checkpoint_bytes // 1024} KiB read from the checkpoint)")
 
             before = ExpertLayout.from_dict(cluster.status()["layout"])
             load = cluster.run_workload(batches=16, tokens_per_batch=8192, zipf_s=1.5)
@@ -67,9 +67,9 @@ def main() -> int:
                   f"after {imbalance(after, load):.3f}; most replicas of one expert: {after.logcnt.max()}")
 
             ver = cluster.verify(against_checkpoint=True)
-            print(f"verified {ver['slots_checked']} slots against the checkpoint: {'OK' if ver['ok'] else 'FAILED'}")
-            if not ver["ok"]:
-                print(ver["bad"], file=sys.stderr)
+            print(f"verified {ver.slots_checked} slots against the checkpoint: {'OK' if ver.ok else 'FAILED'}")
+            if not ver.ok:
+                print(ver.bad, file=sys.stderr)
                 return 1
     print("QUICKSTART OK")
     return 0

@@ -50,10 +50,10 @@ def kill_and_heal(cfg: ClusterConfig, rank: int) -> bool:
         print(f"ranks {after['ranks']}, spares {after['spares']}, dead {after['dead']}; "
               f"{recovery['committed_at'] - after['death_times'][victim]:.2f}s from death noticed to recovered")
         ver = cluster.verify(against_checkpoint=True)
-        print(f"verified {ver['slots_checked']} slots against the checkpoint: {'OK' if ver['ok'] else 'FAILED'}")
-        if not ver["ok"]:
-            print(ver["bad"], file=sys.stderr)
-        return ver["ok"]
+        print(f"verified {ver.slots_checked} slots against the checkpoint: {'OK' if ver.ok else 'FAILED'}")
+        if not ver.ok:
+            print(ver.bad, file=sys.stderr)
+        return ver.ok
 
 
 def main() -> int:

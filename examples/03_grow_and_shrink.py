@@ -27,15 +27,15 @@ except ImportError:  # not installed: use the repository this script sits in
 
 from elastic_ep.cluster import ElasticEPCluster  # noqa: E402
 from elastic_ep.config import ClusterConfig, ModelSpec  # noqa: E402
-from elastic_ep.report import format_report  # noqa: E402
+from elastic_ep.report import RebalanceReport, format_report  # noqa: E402
 from elastic_ep.storage import write_synthetic_checkpoint  # noqa: E402
 
 SPEC = ModelSpec(num_layers=4, num_experts=16, hidden=64, intermediate=32)  # 12 KiB per expert
 
 
-def moved(report: dict) -> str:
+def moved(report: RebalanceReport) -> str:
     """Where one reconfiguration's bytes came from, in KiB."""
-    kib = {k: report[f"bytes_{k}"] // 1024 for k in ("p2p", "from_backup", "from_checkpoint")}
+    kib = {k: getattr(report, f"bytes_{k}") // 1024 for k in ("p2p", "from_backup", "from_checkpoint")}
     return (f"{sum(kib.values())} KiB moved: {kib['p2p']} KiB from peers, {kib['from_backup']} KiB from "
             f"host backups, {kib['from_checkpoint']} KiB from the checkpoint")
 
@@ -43,10 +43,10 @@ def moved(report: dict) -> str:
 def verified(cluster: ElasticEPCluster) -> bool:
     """Check every slot against a fresh read of the checkpoint and print the outcome."""
     ver = cluster.verify(against_checkpoint=True)
-    print(f"verified {ver['slots_checked']} slots against the checkpoint: {'OK' if ver['ok'] else 'FAILED'}")
-    if not ver["ok"]:
-        print(ver["bad"], file=sys.stderr)
-    return ver["ok"]
+    print(f"verified {ver.slots_checked} slots against the checkpoint: {'OK' if ver.ok else 'FAILED'}")
+    if not ver.ok:
+        print(ver.bad, file=sys.stderr)
+    return ver.ok
 
 
 def main() -> int:
@@ -66,8 +66,8 @@ def main() -> int:
             print(f"ranks {cluster.status()['ranks']}; {moved(grow)}")
             ok = verified(cluster)
 
-            print(f"\n== shrink rank {grow['added'][0]} away")
-            shrink = cluster.shrink(grow["added"][0])
+            print(f"\n== shrink rank {grow.added[0]} away")
+            shrink = cluster.shrink(grow.added[0])
             print(format_report(shrink))
             st = cluster.status()
             print(f"ranks {st['ranks']}, spares {st['spares']}; {moved(shrink)}")

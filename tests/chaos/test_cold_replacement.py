@@ -33,7 +33,7 @@ def test_sigkilled_idle_spare_is_replaced(tight):
     assert spare in st["dead"] and spare not in st["spares"]
     assert len(_live_spares(st)) == 1  # the pool is back to num_spares, with a new worker
     assert st["layout"] == before["layout"] and st["epoch"] == before["epoch"]  # no expert moved
-    assert tight.verify(against_checkpoint=True)["ok"]
+    assert tight.verify(against_checkpoint=True).ok
 
 
 def test_spare_and_rank_sigkilled_with_no_room_heal_through_a_cold_worker(tight):
@@ -49,7 +49,7 @@ def test_spare_and_rank_sigkilled_with_no_room_heal_through_a_cold_worker(tight)
     assert st["unserved"] == [] and st["lost"] == [] and st["last_error"] is None
     assert len(_live_spares(st)) == 1  # and the dead spare was replaced too
     ver = tight.verify(against_checkpoint=True)
-    assert ver["ok"] and ver["slots_checked"] == 4 * 3 * 3, ver
+    assert ver.ok and ver.slots_checked == 4 * 3 * 3, ver
 
 
 def test_drain_moves_a_rank_off_and_releases_its_process(tight):
@@ -60,13 +60,13 @@ def test_drain_moves_a_rank_off_and_releases_its_process(tight):
 
     with pytest.raises(CapacityError, match=r"draining rank 1 would leave 3 ranks x 3 slots = 9 slots cannot hold 12"):
         tight.drain(1)
-    (added,) = tight.grow(1)["added"]
-    pid = ray.get(tight.worker(added).ping.remote(), timeout=30)["pid"]
+    (added,) = tight.grow(1).added
+    pid = ray.get(tight.worker(added).ping.remote(), timeout=30).pid
     rep = tight.drain(added)
     st = tight.status()
-    assert rep["dropped"] == [added] and rep["safe_to_terminate_at"] is not None and len(rep["released"]) == 1
-    assert sorted(st["ranks"]) == [0, 1, 2, 3] and rep["released"][0] not in st["dead"] + st["spares"]
-    assert rep["bytes_from_checkpoint"] == 0  # its experts moved to the others before it left
+    assert rep.dropped == (added,) and rep.safe_to_terminate_at is not None and len(rep.released) == 1
+    assert sorted(st["ranks"]) == [0, 1, 2, 3] and rep.released[0] not in st["dead"] + st["spares"]
+    assert rep.bytes_from_checkpoint == 0  # its experts moved to the others before it left
     deadline = time.monotonic() + 30
     while True:  # the released process is gone
         try:
@@ -75,4 +75,4 @@ def test_drain_moves_a_rank_off_and_releases_its_process(tight):
             break
         assert time.monotonic() < deadline, f"released worker pid {pid} still runs"
         time.sleep(0.1)
-    assert tight.verify(against_checkpoint=True)["ok"]
+    assert tight.verify(against_checkpoint=True).ok

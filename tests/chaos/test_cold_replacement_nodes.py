@@ -28,8 +28,8 @@ def test_cold_replacement_on_the_dead_ranks_node(ray_nodes, tmp_path):
         assert sorted(st["ranks"]) == [0, 1] and st["unserved"] == [] and st["last_error"] is None
         rec = [h for h in st["history"] if h["reason"] == "recover" and h["replaced"]][-1]
         assert rec["replaced"]["1"].endswith("(cold)")
-        node = ray.get(c.worker(1).ping.remote(), timeout=30)["node_id"]
+        node = ray.get(c.worker(1).ping.remote(), timeout=30).node_id
         assert node == st["node_ids"][st["rank_nodes"][1]]  # started where the dead rank's node is pinned
         assert len([w for w in st["spares"] if w not in st["dead"]]) == 1
         ver = c.verify(against_checkpoint=True)
-        assert ver["ok"] and ver["slots_checked"] == 2 * 6 * SMALL.num_layers, ver
+        assert ver.ok and ver.slots_checked == 2 * 6 * SMALL.num_layers, ver

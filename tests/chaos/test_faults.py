@@ -120,9 +120,9 @@ def test_rebalance_call_outlives_a_controller_restart(runner, cluster):
     rep = cluster.rebalance(load)
     now = cluster.status()
     assert now["restarts"] == st["restarts"] + 1
-    assert rep["noop"] and now["epoch"] == st["epoch"] + 1  # the retry found the planned layout in force
+    assert rep.noop and now["epoch"] == st["epoch"] + 1  # the retry found the planned layout in force
     assert ExpertLayout.from_dict(now["layout"]) == expected
-    assert cluster.verify(against_checkpoint=True)["ok"]
+    assert cluster.verify(against_checkpoint=True).ok
 
 
 # -- recovery impossible: typed errors, the cluster keeps serving what it can -------------------
@@ -151,7 +151,7 @@ def test_no_room_heals_cold_then_lost_experts_are_typed_and_nothing_is_guessed(t
     rec = [h for h in st["history"] if h["reason"] == "recover"][-1]
     assert rec["replaced"]["1"].endswith("(cold)") and rec["bytes_from_checkpoint"] > 0
     assert sorted(st["ranks"]) == [0, 1, 2, 3] and st["unserved"] == [] and st["last_error"] is None
-    assert c.verify(against_checkpoint=True)["ok"]
+    assert c.verify(against_checkpoint=True).ok
     before = st
 
     # The checkpoint disappears too: a new worker could hold rank 1, but nothing can give its weights.
@@ -166,12 +166,12 @@ def test_no_room_heals_cold_then_lost_experts_are_typed_and_nothing_is_guessed(t
     assert sorted(st["lost"]) == sorted(info.value.lost)
     assert st["layout"] == before["layout"] and st["epoch"] == before["epoch"]
     ver = c.verify()
-    assert ver["num_bad"] == 0 and ver["ranks_unreachable"] == [1]  # still serving what it can, nothing overwritten
+    assert ver.num_bad == 0 and ver.ranks_unreachable == (1,)  # still serving what it can, nothing overwritten
 
     # The checkpoint comes back: the same request now succeeds and every slot verifies.
     shutil.copytree(pristine, ckpt)
     rep = c.recover()
-    assert rep["epoch_to"] == before["epoch"] + 1 and rep["bytes_from_checkpoint"] > 0
+    assert rep.epoch_to == before["epoch"] + 1 and rep.bytes_from_checkpoint > 0
     st = c.wait_healthy(timeout_s=60)
     assert st["lost"] == [] and st["unserved"] == [] and st["last_error"] is None
-    assert c.verify(against_checkpoint=True)["ok"]
+    assert c.verify(against_checkpoint=True).ok

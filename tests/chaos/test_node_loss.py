@@ -26,7 +26,7 @@ def ray_nodes():
 
 
 def _node_of(ray, handle) -> str:
-    return ray.get(handle.ping.remote(), timeout=30)["node_id"]
+    return ray.get(handle.ping.remote(), timeout=30).node_id
 
 
 def test_node_loss_recovers_from_peers_and_backups_on_other_nodes(ray_nodes, tmp_path):
@@ -66,7 +66,7 @@ def test_node_loss_recovers_from_peers_and_backups_on_other_nodes(ray_nodes, tmp
         for r in st["ranks"]:
             assert _node_of(ray, c.worker(r)) in alive
         ver = c.verify(against_checkpoint=True)
-        assert ver["ok"], ver
+        assert ver.ok, ver
         # Backups the dead node's store held are made again on a live node.
         assert c.status()["backed_up"] == SMALL.num_layers * SMALL.num_experts
         print(f"node loss noticed in {noticed_s:.1f}s, healed in {healed_s:.1f}s; recovery phases {rec['phases']}")

@@ -123,7 +123,7 @@ def _serving(c, before=None):
     """Every slot verifies; with ``before``, nothing moved either."""
     st = c.status()
     ver = c.verify()
-    assert ver["ok"], ver
+    assert ver.ok, ver
     if before is not None:
         assert st["layout"] == before["layout"] and st["epoch"] == before["epoch"]
     return st
@@ -143,7 +143,7 @@ def test_damaged_checkpoint_at_recovery_is_bridged_by_backups(served):
             c.verify(against_checkpoint=True)
     finally:
         shutil.copy(pristine / SHARD2, ckpt / SHARD2)
-    assert c.verify(against_checkpoint=True)["ok"]
+    assert c.verify(against_checkpoint=True).ok
 
 
 def test_damaged_checkpoint_at_recovery_without_backups(ray_local, small_checkpoint, tmp_path):
@@ -163,14 +163,14 @@ def test_damaged_checkpoint_at_recovery_without_backups(ray_local, small_checkpo
         assert sorted(map(tuple, st["lost"])) == sorted(alone) and "ExpertsLostError" in st["last_error"]
         assert st["layout"] == before["layout"] and st["epoch"] == before["epoch"]
         ver = c.verify()
-        assert ver["num_bad"] == 0 and ver["ranks_unreachable"] == [1]  # the survivors serve on, intact
+        assert ver.num_bad == 0 and ver.ranks_unreachable == (1,)  # the survivors serve on, intact
         # Repaired: the same recovery now succeeds and nothing was lost for good.
         shutil.copy(Path(small_checkpoint) / SHARD2, ckpt / SHARD2)
         rep = c.recover()
-        assert rep["epoch_to"] == before["epoch"] + 1
+        assert rep.epoch_to == before["epoch"] + 1
         st = c.wait_healthy(timeout_s=60)
         assert st["lost"] == [] and st["unserved"] == [] and st["last_error"] is None
-        assert c.verify(against_checkpoint=True)["ok"]
+        assert c.verify(against_checkpoint=True).ok
 
 
 @pytest.mark.parametrize("make, match", [
@@ -247,4 +247,4 @@ def test_concurrent_rebalances_run_one_after_the_other(served):
     assert second["epoch_to"] == second["epoch_from"] + 1
     assert first["finished_at"] <= second["started_at"]  # not interleaved
     assert c.status()["epoch"] == before["epoch"] + 2
-    assert c.verify(against_checkpoint=True)["ok"]
+    assert c.verify(against_checkpoint=True).ok

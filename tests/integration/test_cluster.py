@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from elastic_ep.cluster import ElasticEPCluster
-from elastic_ep.errors import UnknownRankError
+from elastic_ep.errors import CapacityError, UnknownRankError
 from elastic_ep.layout import ExpertLayout
 from elastic_ep.storage import write_synthetic_checkpoint
 
@@ -36,10 +36,10 @@ def test_start_loads_every_slot_from_the_checkpoint(cluster):
     layout = _layout(cluster)
     layout.validate()
     assert st["epoch"] == 0 and len(st["ranks"]) == 4 and len(st["spares"]) == 1
-    assert cluster.last_start["checkpoint_bytes"] == 4 * SMALL.num_layers * 4 * SMALL.expert_bytes
+    assert cluster.last_start.checkpoint_bytes == 4 * SMALL.num_layers * 4 * SMALL.expert_bytes
     ver = cluster.verify(against_checkpoint=True)
-    assert ver["ok"], ver
-    assert ver["slots_checked"] == 4 * 4 * SMALL.num_layers
+    assert ver.ok, ver
+    assert ver.slots_checked == 4 * 4 * SMALL.num_layers
 
 
 def test_rebalance_follows_load_and_verifies(cluster):
@@ -47,21 +47,21 @@ def test_rebalance_follows_load_and_verifies(cluster):
     before = _layout(cluster)
     rep = cluster.rebalance()
     after = _layout(cluster)
-    assert rep["epoch_to"] == rep["epoch_from"] + 1
-    assert rep["bytes_p2p"] == rep["plan"]["transfers"] * SMALL.expert_bytes
-    assert rep["bytes_from_checkpoint"] == 0 and rep["bytes_from_backup"] == 0
-    assert rep["slots_verified"] == rep["plan"]["transfers"] + rep["plan"]["copies"]
+    assert rep.epoch_to == rep.epoch_from + 1
+    assert rep.bytes_p2p == rep.plan["transfers"] * SMALL.expert_bytes
+    assert rep.bytes_from_checkpoint == 0 and rep.bytes_from_backup == 0
+    assert rep.slots_verified == rep.plan["transfers"] + rep.plan["copies"]
     assert not np.array_equal(before.phy2log, after.phy2log)
     # The hottest expert of each layer got extra replicas.
     load = cluster.status()  # window total is inside the controller; check replicas instead
     assert after.logcnt.max() > 1
-    assert cluster.verify(against_checkpoint=True)["ok"]
+    assert cluster.verify(against_checkpoint=True).ok
 
 
 def test_rebalance_twice_on_same_load_moves_nothing_more(cluster):
     rep = cluster.rebalance()
-    assert rep["plan"].get("transfers", 0) == 0 or rep["noop"]
-    assert cluster.verify()["ok"]
+    assert rep.plan.get("transfers", 0) == 0 or rep.noop
+    assert cluster.verify().ok
 
 
 def test_kill_recovers_from_spare_with_peers_and_backups(cluster):
@@ -87,7 +87,7 @@ def test_kill_recovers_from_spare_with_peers_and_backups(cluster):
     assert rec["bytes_from_backup"] == rec["plan"]["fetches"] * SMALL.expert_bytes
     assert len(st["spares"]) == 1 and st["spares"][0] != spare  # replenished
     ver = cluster.verify(against_checkpoint=True)
-    assert ver["ok"], ver
+    assert ver.ok, ver
 
 
 def test_unknown_rank_is_a_clear_error(cluster):
@@ -95,24 +95,24 @@ def test_unknown_rank_is_a_clear_error(cluster):
         cluster.kill(99)
     with pytest.raises(UnknownRankError):
         cluster.shrink([99])
-    assert cluster.verify()["ok"]
+    assert cluster.verify().ok
 
 
 def test_grow_then_shrink(cluster):
     rep = cluster.grow(1)
-    assert rep["added"] and len(cluster.status()["ranks"]) == 5
-    assert cluster.verify(against_checkpoint=True)["ok"]
-    new_rank = rep["added"][0]
+    assert rep.added and len(cluster.status()["ranks"]) == 5
+    assert cluster.verify(against_checkpoint=True).ok
+    new_rank = rep.added[0]
     st = cluster.status()
     retired = st["ranks"].get(new_rank, st["ranks"].get(str(new_rank)))
     rep = cluster.shrink(new_rank)
     st = cluster.status()
-    assert rep["dropped"] == [new_rank] and len(st["ranks"]) == 4
+    assert rep.dropped == (new_rank,) and len(st["ranks"]) == 4
     # The spare pool was full, so the retired worker is released (its GPU freed), not kept; no failure recorded.
     assert len(st["spares"]) == 1 and retired not in st["spares"] and retired not in st["dead"]
     # A shrink moves what the retired rank held off it before it leaves: no storage reads.
-    assert rep["bytes_from_checkpoint"] == 0
-    assert cluster.verify(against_checkpoint=True)["ok"]
+    assert rep.bytes_from_checkpoint == 0
+    assert cluster.verify(against_checkpoint=True).ok
 
 
 def test_controller_restart_resumes(cluster, ray_local):
@@ -132,11 +132,24 @@ def test_controller_restart_resumes(cluster, ray_local):
     assert st["epoch"] == before["epoch"]
     assert st["restarts"] == before["restarts"] + 1
     assert st["layout"] == before["layout"]
-    assert cluster.verify()["ok"]
+    assert cluster.verify().ok
     cluster.run_workload(batches=4, seed=3, zipf_s=1.1)
     rep = cluster.rebalance()
-    assert rep["epoch_to"] == before["epoch"] + 1
-    assert cluster.verify(against_checkpoint=True)["ok"]
+    assert rep.epoch_to == before["epoch"] + 1
+    assert cluster.verify(against_checkpoint=True).ok
+
+
+def test_a_start_ray_has_no_room_for_is_refused_at_once_with_the_numbers(ray_local, small_checkpoint, tmp_path):
+    # This Ray advertises no GPU, so GPU workers could never be placed: refused before any worker is
+    # started, instead of waiting startup_timeout_s for workers that never come.
+    cfg = small_config(small_checkpoint, tmp_path, device="cuda", startup_timeout_s=120.0, name="noroom")
+    t0 = time.monotonic()
+    with pytest.raises(CapacityError, match=r"4 ranks and 1 spares need 5 workers but only 0 can be placed: Ray has "
+                                            r"0 GPU, [0-9.]+ CPU free: room for 0 more workers asking 1 GPU, 1 CPU each"):
+        ElasticEPCluster(cfg).start()
+    assert time.monotonic() - t0 < cfg.startup_timeout_s / 4
+    names = [a["name"] for a in ray_local.util.list_named_actors(all_namespaces=True)]
+    assert not [n for n in names if n.startswith("noroom") and not n.endswith("-controller")], names  # no worker
 
 
 def test_recovery_from_checkpoint_when_no_backups(ray_local, small_checkpoint, tmp_path):
@@ -147,7 +160,7 @@ def test_recovery_from_checkpoint_when_no_backups(ray_local, small_checkpoint, t
         rec = _last(st, "recover")
         assert rec["bytes_from_backup"] == 0
         assert rec["bytes_from_checkpoint"] == rec["plan"]["fetches"] * SMALL.expert_bytes > 0
-        assert c.verify(against_checkpoint=True)["ok"]
+        assert c.verify(against_checkpoint=True).ok
 
 
 def test_shrink_when_no_spare_is_left(ray_local, small_checkpoint, tmp_path):
@@ -160,7 +173,7 @@ def test_shrink_when_no_spare_is_left(ray_local, small_checkpoint, tmp_path):
         layout = _layout(c)
         assert layout.ranks == (0, 1, 2) and layout.num_slots == 12
         layout.validate()
-        assert c.verify(against_checkpoint=True)["ok"]
+        assert c.verify(against_checkpoint=True).ok
 
 
 def test_recovery_by_ray_actor_restart(ray_local, small_checkpoint, tmp_path):
@@ -170,9 +183,9 @@ def test_recovery_by_ray_actor_restart(ray_local, small_checkpoint, tmp_path):
         time.sleep(0.5)
         rep = c.recover()
         st = c.status()
-        assert rep["replaced"] == {"0": f"{wid} (restarted)"}
+        assert rep.replaced == {0: f"{wid} (restarted)"}
         assert st["ranks"][0] == wid and wid not in st["dead"]
-        assert c.verify(against_checkpoint=True)["ok"]
+        assert c.verify(against_checkpoint=True).ok
 
 
 @pytest.mark.parametrize("preset", ["qwen", "mixtral"])
@@ -181,4 +194,4 @@ def test_checkpoint_presets(ray_local, tmp_path, preset):
     write_synthetic_checkpoint(ckpt, SMALL, preset=preset, num_shards=3)
     cfg = small_config(str(ckpt), tmp_path, preset=preset, num_ranks=3, num_spares=0, name=f"p{preset}")
     with ElasticEPCluster(cfg) as c:
-        assert c.verify(against_checkpoint=True)["ok"]
+        assert c.verify(against_checkpoint=True).ok

@@ -51,8 +51,8 @@ def _assert_served(cluster, ranks: tuple) -> ExpertLayout:
     layout.validate()
     assert layout.ranks == ranks
     ver = cluster.verify(against_checkpoint=True)
-    assert ver["ok"], ver
-    assert ver["slots_checked"] == len(ranks) * layout.slots_per_rank * SPEC.num_layers
+    assert ver.ok, ver
+    assert ver.slots_checked == len(ranks) * layout.slots_per_rank * SPEC.num_layers
     return layout
 
 
@@ -106,7 +106,7 @@ def test_eight_ranks_on_two_nodes_without_spares(ray_local, checkpoint, tmp_path
         c.run_workload(batches=8, seed=3, zipf_s=1.4)
         rep = c.rebalance()
         layout = _assert_served(c, tuple(range(8)))
-        assert rep["plan"]["transfers"] > 0 and _groups_on_one_node(layout)  # moved, and still by node
+        assert rep.plan["transfers"] > 0 and _groups_on_one_node(layout)  # moved, and still by node
 
         seen = len(c.status()["history"])
         c.kill(6)

@@ -54,7 +54,7 @@ def _assert_served_right(log, stream):
 
 def test_serving_runs_through_a_layerwise_rebalance_with_one_commit_per_layer(cluster, oracle):
     whole = cluster.rebalance(load=_load(1))  # the whole model in one commit, for the staging comparison
-    assert whole["migration_steps"] == whole["commits"] == 1
+    assert whole.migration_steps == whole.commits == 1
     log, stream = _serving(cluster, oracle)
     with stream:
         time.sleep(0.5)
@@ -63,13 +63,13 @@ def test_serving_runs_through_a_layerwise_rebalance_with_one_commit_per_layer(cl
         log.mark("rebalance_commit")
         time.sleep(0.5)
     calls = _assert_served_right(log, stream)
-    assert rep["migration_steps"] == rep["commits"] == SMALL.num_layers  # every layer's placement changed
-    assert rep["epoch_to"] == rep["epoch_from"] + SMALL.num_layers
+    assert rep.migration_steps == rep.commits == SMALL.num_layers  # every layer's placement changed
+    assert rep.epoch_to == rep.epoch_from + SMALL.num_layers
     served = {c.epoch for c in calls}
-    assert {rep["epoch_from"], rep["epoch_to"]} <= served
-    assert served & set(range(rep["epoch_from"] + 1, rep["epoch_to"])), served  # calls between the steps' commits
-    peak = max(rep["staging_peak_bytes"].values())
-    assert 0 < peak < rep["plan"]["max_rank_bytes_staged"]  # one layer's slots, not the whole move's
+    assert {rep.epoch_from, rep.epoch_to} <= served
+    assert served & set(range(rep.epoch_from + 1, rep.epoch_to)), served  # calls between the steps' commits
+    peak = max(rep.staging_peak_bytes.values())
+    assert 0 < peak < rep.plan["max_rank_bytes_staged"]  # one layer's slots, not the whole move's
     ExpertLayout.from_dict(cluster.status()["layout"]).validate()
     assert cluster.verify(against_checkpoint=True)["ok"]
 
@@ -104,8 +104,8 @@ def test_a_worker_dying_in_the_second_step_keeps_the_first_and_serving_goes_on(c
     _assert_served_right(log, stream)
     st = cluster.status()
     assert {int(r): w for r, w in st["ranks"].items()}[victim] != wid  # a spare took the rank over
-    assert rep["attempt"] >= 2 and rep["epoch_from"] == epoch0 + 1  # the first step stayed committed
-    assert rep["migration_steps"] == rep["commits"] == 1 and any("changes membership" in n for n in rep["notes"])
+    assert rep.attempt >= 2 and rep.epoch_from == epoch0 + 1  # the first step stayed committed
+    assert rep.migration_steps == rep.commits == 1 and any("changes membership" in n for n in rep.notes)
     ExpertLayout.from_dict(st["layout"]).validate()
     assert cluster.verify(against_checkpoint=True)["ok"]
 
@@ -121,6 +121,6 @@ def test_the_controller_dying_at_a_steps_commit_rolls_it_forward_and_the_call_fi
     _assert_served_right(log, stream)
     st = cluster.status()
     assert st["restarts"] == before["restarts"] + 1
-    assert rep["epoch_from"] == before["epoch"] + 1  # the restart rolled the first step forward
-    assert 1 <= rep["commits"] == rep["migration_steps"] <= SMALL.num_layers and st["epoch"] == rep["epoch_to"]
+    assert rep.epoch_from == before["epoch"] + 1  # the restart rolled the first step forward
+    assert 1 <= rep.commits == rep.migration_steps <= SMALL.num_layers and st["epoch"] == rep.epoch_to
     assert cluster.verify(against_checkpoint=True)["ok"]

@@ -106,23 +106,23 @@ def test_rebalance_and_recovery_show_up_in_the_scrape(metrics_ray, small_checkpo
         tag = cluster.prefix
         cluster.run_workload(batches=8, tokens_per_batch=4096, zipf_s=1.5)
         rep = cluster.rebalance()
-        assert not rep["noop"] and rep["bytes_p2p"] > 0
+        assert not rep.noop and rep.bytes_p2p > 0
 
         def after_rebalance(s):
             assert value(s, "elastic_ep_reconfigurations_total", cluster=tag, reason="rebalance",
                          outcome="committed") == 1
-            assert value(s, "elastic_ep_moved_bytes_total", cluster=tag, source="peer") == rep["bytes_p2p"]
-            assert value(s, "elastic_ep_epoch", cluster=tag) == rep["epoch_to"]
+            assert value(s, "elastic_ep_moved_bytes_total", cluster=tag, source="peer") == rep.bytes_p2p
+            assert value(s, "elastic_ep_epoch", cluster=tag) == rep.epoch_to
             assert value(s, "elastic_ep_phase_seconds_count", cluster=tag, reason="rebalance", phase="plan") == 1
 
         s = scrape_until(metrics_ray, after_rebalance)
-        assert value(s, "elastic_ep_rank_load_imbalance", cluster=tag) == pytest.approx(rep["balance"]["after"])
+        assert value(s, "elastic_ep_rank_load_imbalance", cluster=tag) == pytest.approx(rep.balance["after"])
         assert value(s, "elastic_ep_ranks", cluster=tag) == 4
         assert value(s, "elastic_ep_spares_ready", cluster=tag) == 1
         assert value(s, "elastic_ep_dead_members", cluster=tag) == 0
         # The plan's seconds fall in the bucket of the first boundary at or above them (Ray's sums are only
         # bucket midpoints).
-        plan_s = rep["phases"]["plan"]
+        plan_s = rep.phases["plan"]
         upper = min(b for b in SECONDS_BOUNDARIES if b >= plan_s)
         lower = [b for b in SECONDS_BOUNDARIES if b < plan_s]
         plan = dict(cluster=tag, reason="rebalance", phase="plan")
@@ -131,7 +131,7 @@ def test_rebalance_and_recovery_show_up_in_the_scrape(metrics_ray, small_checkpo
             assert bucket(s, "elastic_ep_phase_seconds", max(lower), **plan) == 0
 
         # A worker killed the way the world kills it: the spare takes over, backups refill its slots.
-        pid = ray.get(cluster.worker(1).ping.remote(), timeout=30)["pid"]
+        pid = ray.get(cluster.worker(1).ping.remote(), timeout=30).pid
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 90
         while not any(h["reason"] == "recover" for h in cluster.status()["history"]):
@@ -151,4 +151,4 @@ def test_rebalance_and_recovery_show_up_in_the_scrape(metrics_ray, small_checkpo
         if rec["bytes_from_backup"]:
             assert value(s, "elastic_ep_moved_bytes_total", cluster=tag, source="backup") == rec["bytes_from_backup"]
         assert value(s, "elastic_ep_moved_bytes_total", cluster=tag, source="peer") == (
-            rep["bytes_p2p"] + rec["bytes_p2p"])
+            rep.bytes_p2p + rec["bytes_p2p"])

@@ -46,7 +46,7 @@ CHECKPOINTS = {
 
 def _worker_pid(cluster: ElasticEPCluster, worker_id: str) -> int:
     handle = ray.get_actor(f"{cluster.prefix}-{worker_id}", namespace=ray.get_runtime_context().namespace)
-    return ray.get(handle.ping.remote(), timeout=30)["pid"]
+    return ray.get(handle.ping.remote(), timeout=30).pid
 
 
 def _wait_noticed(cluster: ElasticEPCluster, victim: str, timeout_s: float = 60.0) -> None:
@@ -70,13 +70,13 @@ def test_real_checkpoint_starts_rebalances_survives_sigkill_and_verifies(ray_loc
     assert spec.num_experts == 6
     with ElasticEPCluster(cfg) as cluster:
         ver = cluster.verify(against_checkpoint=True)
-        assert ver["ok"] and ver["slots_checked"] == 2 * 4 * spec.num_layers, ver
-        assert cluster.last_start["checkpoint_bytes"] >= 2 * 4 * spec.num_layers * spec.expert_format.data_bytes
+        assert ver.ok and ver.slots_checked == 2 * 4 * spec.num_layers, ver
+        assert cluster.last_start.checkpoint_bytes >= 2 * 4 * spec.num_layers * spec.expert_format.data_bytes
 
         cluster.run_workload(batches=6, seed=3, zipf_s=1.5)
         rep = cluster.rebalance()
-        assert rep["bytes_p2p"] == rep["plan"]["transfers"] * spec.expert_bytes  # whole bundles moved
-        assert cluster.verify(against_checkpoint=True)["ok"]
+        assert rep.bytes_p2p == rep.plan["transfers"] * spec.expert_bytes  # whole bundles moved
+        assert cluster.verify(against_checkpoint=True).ok
 
         st = cluster.status()
         assert st["shared_experts"]["managed"] is False
@@ -90,4 +90,4 @@ def test_real_checkpoint_starts_rebalances_survives_sigkill_and_verifies(ray_loc
         moved = rec["bytes_p2p"] + rec["bytes_from_backup"] + rec["bytes_from_checkpoint"]
         assert moved == 4 * spec.num_layers * spec.expert_bytes  # the dead rank's slots, every tensor of each
         ver = cluster.verify(against_checkpoint=True)
-        assert ver["ok"], ver
+        assert ver.ok, ver

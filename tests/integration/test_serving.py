@@ -78,7 +78,7 @@ def test_rebalance_by_served_load_replicates_hot_experts_and_splits_their_tokens
     epoch = cluster.status()["epoch"]
     rep = cluster.rebalance()
     layout = ExpertLayout.from_dict(cluster.status()["layout"])
-    assert rep["epoch_to"] == epoch + 1
+    assert rep.epoch_to == epoch + 1
     assert layout.logcnt[0, 4] >= 2  # expert 4 was served most in layer 0: it got replicas
     _check_all_layers(cluster, oracle, 100)
     for r in layout.ranks:  # drain the counters, then serve only expert 4 once
@@ -87,7 +87,7 @@ def test_rebalance_by_served_load_replicates_hot_experts_and_splits_their_tokens
     counts = []
     for pos, r in enumerate(layout.ranks):
         got = ray.get(cluster.worker(r).take_load.remote(), timeout=30)
-        counts += [got["tokens"][0, s] for s in range(layout.slots_per_rank) if got["experts"][0, s] == 4]
+        counts += [got.tokens[0, s] for s in range(layout.slots_per_rank) if got.experts[0, s] == 4]
     assert len(counts) == layout.logcnt[0, 4] and sum(counts) == 64
     assert max(counts) - min(counts) <= 1  # round-robin over its replicas
 
@@ -116,13 +116,13 @@ def test_threads_and_clients_during_a_rebalance_never_mix_epochs(cluster, oracle
 
 def test_sigkill_of_a_worker_recovers_and_serves_correctly(cluster, oracle):
     epoch = cluster.status()["epoch"]
-    pid = ray.get(cluster.worker(1).ping.remote(), timeout=30)["pid"]
+    pid = ray.get(cluster.worker(1).ping.remote(), timeout=30).pid
     os.kill(pid, signal.SIGKILL)
     _check_all_layers(cluster, oracle, 200)  # retried on a fresh view until its experts are served again
     st = cluster.wait_healthy(timeout_s=90)
     assert st["epoch"] > epoch
     _check_all_layers(cluster, oracle, 300)
-    assert cluster.verify()["ok"]
+    assert cluster.verify().ok
 
 
 def test_grow_and_shrink_keep_outputs_right(cluster, oracle):

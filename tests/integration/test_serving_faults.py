@@ -57,7 +57,7 @@ def test_a_sigkilled_rank_is_masked_within_the_call_before_the_controller_says_s
     _assert_close(client.moe(0, hidden, ids, weights), oracle(0, hidden, ids, weights))
     view = client.view()
     victim = 1
-    pid = ray.get(cluster.worker(victim).ping.remote(), timeout=30)["pid"]
+    pid = ray.get(cluster.worker(victim).ping.remote(), timeout=30).pid
     os.kill(pid, signal.SIGKILL)  # and serve at once: the client learns of the death from its own call
     hidden, ids, weights = _batch(10)
     # the first attempt's plan (the client's next rotation): what the victim is sent and never answers

@@ -52,5 +52,5 @@ def test_served_outputs_equal_the_models_own_block(family, ray_local, tmp_path_f
         load = np.ones((spec.num_layers, spec.num_experts))
         load[:, 3] = 50.0
         rep = cluster.rebalance(load)
-        assert rep["epoch_to"] == 1
+        assert rep.epoch_to == 1
         _served_vs_block(cluster, blocks16, blocks32, 10)

@@ -42,10 +42,10 @@ def test_striped_recovery_relays_reads_through_survivors_and_verifies(ray_local,
         assert rec["bytes_from_checkpoint"] == 0
         assert rec["slots_verified"] == plan["transfers"] + plan["fetches"] + plan["relays"] + plan["copies"]
         ver = cluster.verify(against_checkpoint=True)
-        assert ver["ok"], ver
+        assert ver.ok, ver
         # the next recovery works from the new membership too
         cluster.kill(0)
         st = cluster.wait_healthy(timeout_s=90)
-        assert cluster.verify(against_checkpoint=True)["ok"]
+        assert cluster.verify(against_checkpoint=True).ok
     finally:
         cluster.shutdown()

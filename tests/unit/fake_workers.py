@@ -16,6 +16,7 @@ import numpy as np
 from actors.worker_group import Call, WorkerGroup, collect, is_typed
 from elastic_ep.errors import PeerDiedError, TransferError, WorkerStartupError
 from elastic_ep.plan import DST_SLOT, EXPERT, LAYER, SRC, SRC_SLOT
+from elastic_ep.replies import Committed, Loaded, ServedLoad, SlotFingerprints, Staged, WorkerPing
 
 
 class WorkerDied(Exception):
@@ -33,16 +34,16 @@ class FakeWorker:
         self.staged: Optional[tuple[int, np.ndarray, np.ndarray]] = None  # (epoch, experts, fps)
         self.alive = True
 
-    def ping(self) -> dict:
-        return {"worker_id": self.wid, "rank": self.rank, "epoch": self.epoch}
+    def ping(self) -> WorkerPing:
+        return WorkerPing(worker_id=self.wid, rank=self.rank, epoch=self.epoch)
 
-    def load(self, rank: int, experts: np.ndarray, epoch: int) -> dict:
+    def load(self, rank: int, experts: np.ndarray, epoch: int) -> Loaded:
         self.rank, self.epoch = rank, epoch
         self.experts = np.array(experts, dtype=np.int64)
         self.fps = np.take_along_axis(self.world.ckpt_fp, self.experts, axis=1)
-        return {"fingerprints": self.fps.copy(), "bytes_read": self.experts.size * self.world.spec.expert_bytes}
+        return Loaded(self.fps.copy(), bytes_read=self.experts.size * self.world.spec.expert_bytes)
 
-    def execute(self, epoch, part, group, group_rank, timeout_s, backup_refs) -> dict:
+    def execute(self, epoch, part, group, group_rank, timeout_s, backup_refs) -> Staged:
         w = self.world
         experts, fps = self.experts.copy(), self.fps.copy()
         received = 0
@@ -62,17 +63,17 @@ class FakeWorker:
             fps[layer, dst] = (fps if after else self.fps)[layer, src]
         self.staged = (epoch, experts, fps)
         changed = np.argwhere((experts != self.experts) | (fps != self.fps) | (self.epoch < 0))
-        return {"staged": [(int(l), int(s), int(experts[l, s]), int(fps[l, s])) for l, s in changed],
-                "timings_s": {}, "bytes_received": received, "bytes_from_backup": 0,
-                "bytes_from_checkpoint": len(reads) * w.spec.expert_bytes}
+        return Staged(worker_id=self.wid, epoch=epoch,
+                      staged=tuple((int(l), int(s), int(experts[l, s]), int(fps[l, s])) for l, s in changed),
+                      bytes_received=received, bytes_from_checkpoint=len(reads) * w.spec.expert_bytes)
 
-    def commit(self, epoch: int, rank: int) -> dict:
+    def commit(self, epoch: int, rank: int) -> Committed:
         if self.staged is not None:
             if self.staged[0] != epoch:
                 raise TransferError(f"{self.wid} has staging for epoch {self.staged[0]}, not {epoch}")
             _, self.experts, self.fps = self.staged
         self.staged, self.rank, self.epoch = None, int(rank), int(epoch)
-        return {"slots": 0}
+        return Committed(commit_s=0.0, slots=0)
 
     def discard(self, epoch: int) -> None:
         if self.staged is not None and self.staged[0] <= epoch:
@@ -82,11 +83,11 @@ class FakeWorker:
         self.rank = None
         self.experts[:] = -1
 
-    def fingerprints(self) -> dict:
-        return {"experts": self.experts.copy(), "fingerprints": self.fps.copy()}
+    def fingerprints(self) -> SlotFingerprints:
+        return SlotFingerprints(self.rank, self.epoch, self.experts.copy(), self.fps.copy())
 
-    def take_load(self) -> dict:
-        return {"experts": self.experts.copy(), "tokens": np.zeros(self.experts.shape)}
+    def take_load(self) -> ServedLoad:
+        return ServedLoad(rank=self.rank, experts=self.experts.copy(), tokens=np.zeros(self.experts.shape))
 
 
 class FakeWorld:
@@ -95,6 +96,7 @@ class FakeWorld:
     def __init__(self, spec, slots_per_rank: int, ckpt_fp: np.ndarray):
         self.spec, self.slots_per_rank, self.ckpt_fp = spec, slots_per_rank, ckpt_fp
         self.procs: dict[str, FakeWorker] = {}
+        self.free: Optional[dict[str, float]] = None  # what "Ray" says is free (None: no limit), GPUs by share
         self.group: Optional["FakeWorkerGroup"] = None  # the group of the controller alive now
 
     def serving(self, rank: int) -> Optional[FakeWorker]:
@@ -142,6 +144,12 @@ class FakeWorkerGroup(WorkerGroup):
                     errors.append(f"{key}: {type(exc).__name__}: {exc}")
         return collect(out, errors, typed_errors, typed, what, tolerate_dead)
 
+    def free_resources(self):
+        return None if self.world.free is None else (dict(self.world.free), False)
+
+    def ask(self, gpu_share: float, pinned: bool) -> dict[str, float]:
+        return {"GPU": gpu_share}
+
     def submit(self, wid: str, method: str, *args):
         return self.call_all({wid: (wid, method, args)}, 1.0, method, tolerate_dead=True).get(wid)
 
@@ -152,7 +160,7 @@ class FakeWorkerGroup(WorkerGroup):
         """The process dies (SIGKILL): its state is gone. Noticed by the next call or probe."""
         self.world.procs[wid].alive = False
 
-    def ping(self, wid: str, timeout_s: float) -> Optional[dict]:
+    def ping(self, wid: str, timeout_s: float) -> Optional[WorkerPing]:
         proc = self.world.procs.get(wid)
         return proc.ping() if proc is not None and proc.alive else None
 

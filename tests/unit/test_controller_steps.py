@@ -72,7 +72,7 @@ def test_recovery_one_step_at_a_time(world_and_cfg):
     assert c.workers.spares == [] and r.advance() is Step.DONE
     assert len(c.workers.live(c.workers.spares)) == cfg.num_spares  # the pool refilled
     assert set(r.att.rep.phases) == {s.value for s in Step if s is not Step.DONE}
-    assert c.verify()["ok"]
+    assert c.verify().ok
 
 
 @pytest.mark.parametrize("phase", CONTROLLER_PHASES)
@@ -97,9 +97,9 @@ def test_controller_death_at_every_state_leaves_one_layout_and_a_retry_converges
         assert sorted(live) == [0, 1, 3]
     rep = c2.recover()  # the retry converges
     assert not c2.workers.is_dead(c2.workers.members[2]) and sorted(c2.workers.members) == [0, 1, 2, 3]
-    assert rep["epoch_to"] == c2.epoch and c2.pending_commit is None
+    assert rep.epoch_to == c2.epoch and c2.pending_commit is None
     _served(c2)
-    assert c2.verify()["ok"] and len(c2.workers.live(c2.workers.spares)) == cfg.num_spares
+    assert c2.verify().ok and len(c2.workers.live(c2.workers.spares)) == cfg.num_spares
 
 
 def test_worker_death_mid_transfer_fails_the_attempt_and_the_old_layout_stays_live(world_and_cfg):
@@ -117,37 +117,38 @@ def test_worker_death_mid_transfer_fails_the_attempt_and_the_old_layout_stays_li
         r.advance()
     assert c.layout is old and c.epoch == 0
     rep = c.rebalance(load)  # heals the dead sender and rebalances in one reconfiguration
-    assert rep["replaced"] == {str(sender): "w4"} and c.epoch == 1
+    assert rep.replaced == {sender: "w4"} and c.epoch == 1
     _served(c)
-    assert c.verify()["ok"]
+    assert c.verify().ok
 
 
-def test_cold_replacement_when_no_spare_and_no_room(world_and_cfg):
+def _started_with_3_slots(world_and_cfg, **overrides):
+    """A started controller whose ranks have 3 slots each (4 ranks hold the 12 experts exactly)."""
     world, cfg = world_and_cfg
     cfg = small_config(cfg.checkpoint, cfg.state_dir.rsplit("/", 1)[0], keep_backups=False, auto_recover=False,
-                       num_spares=1, slots_per_rank=3)
+                       slots_per_rank=3, **overrides)
     world.slots_per_rank = 3
     c = _controller(world, cfg)
     c.start()
+    return world, c
+
+
+def test_cold_replacement_when_no_spare_and_no_room(world_and_cfg):
+    world, c = _started_with_3_slots(world_and_cfg, num_spares=1)
     c.workers.kill(c.workers.spares[0])
     c.workers.kill(c.workers.members[3])
     rep = c.recover()
-    assert rep["replaced"]["3"].endswith("(cold)") and rep["dropped"] == []
-    assert rep["bytes_from_checkpoint"] > 0  # nobody else held rank 3's experts
+    assert rep.replaced[3].endswith("(cold)") and rep.dropped == ()
+    assert rep.bytes_from_checkpoint > 0  # nobody else held rank 3's experts
     _served(c)
     assert len(c.workers.live(c.workers.spares)) == 1
 
 
 def test_drain_releases_the_worker_and_refusals_name_the_numbers(world_and_cfg):
-    world, cfg = world_and_cfg
-    cfg = small_config(cfg.checkpoint, cfg.state_dir.rsplit("/", 1)[0], keep_backups=False, auto_recover=False,
-                       num_spares=1, num_ranks=5, slots_per_rank=3)
-    world.slots_per_rank = 3
-    c = _controller(world, cfg)
-    c.start()
+    world, c = _started_with_3_slots(world_and_cfg, num_spares=1, num_ranks=5)
     wid = c.workers.members[4]
     rep = c.drain(4)
-    assert rep["dropped"] == [4] and rep["released"] == [wid] and rep["safe_to_terminate_at"] is not None
+    assert rep.dropped == (4,) and rep.released == (wid,) and rep.safe_to_terminate_at is not None
     assert not world.procs[wid].alive and sorted(c.workers.members) == [0, 1, 2, 3]
     assert c.workers.records[wid].state.value == "released" and wid not in c.workers.dead
     _served(c)
@@ -163,3 +164,17 @@ def test_state_round_trips_as_one_list_of_records(world_and_cfg):
     assert c2.workers.records == c.workers.records and c2.restarts == 1
     assert ExpertLayout.from_dict(c2.status().layout) == c.layout
     assert c2.status().rank_nodes == {0: 0, 1: 0, 2: 0, 3: 0}
+
+
+def test_no_room_on_ray_refuses_a_grow_at_once_but_never_the_replacement_of_a_dead_worker(world_and_cfg):
+    world, c = _started_with_3_slots(world_and_cfg, num_spares=0)
+    world.free = {"GPU": 0.0}  # every GPU is taken, the dead worker's too until "Ray" notices its death
+    started = c.workers.next_worker
+    with pytest.raises(CapacityError, match=r"1 workers must be started \(ranks \[4\]\) but only 0 may be "
+                                            r"\(Ray has 0 GPU free: room for 0 more workers asking 1 GPU each\)"):
+        c.grow(1)
+    assert c.workers.next_worker == started and c.epoch == 0  # nothing was started, nothing moved
+    c.workers.kill(c.workers.members[2])  # 4 ranks x 3 slots hold the 12 experts exactly: a cold start is needed
+    rep = c.recover()  # the dead worker's share counts as freed: its replacement is not refused
+    assert rep.replaced[2].endswith("(cold)") and c.epoch == 1
+    _served(c)

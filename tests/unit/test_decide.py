@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from elastic_ep.decide import ClusterView, Decision, Request, WorkerStart, decide
 from elastic_ep.errors import CapacityError, UnknownRankError
+from elastic_ep.room import add_asks, describe_room, workers_that_fit
 
 
 def view(n=4, spr=4, experts=12, spares=("s0",), dead=(), num_spares=1, **kw) -> ClusterView:
@@ -207,6 +208,42 @@ def test_invariants_hold_or_the_refusal_is_typed(vr):
     try:
         d = decide(v, req)
     except CapacityError as exc:
-        assert "slots" in str(exc) or "last rank" in str(exc) or "draining" in str(exc) or "dead" in str(exc)
+        msg = str(exc)
+        assert "slots" in msg or "last rank" in msg or "draining" in msg or "dead" in msg or (
+            req.kind == "grow" and v.startable is not None and f"only {v.startable} may be" in msg)
         return
     _check(v, req, d)
+
+
+# -- room on Ray: how many workers may start (elastic_ep.room) --------------------------------
+
+
+def test_workers_fit_in_order_until_one_does_not():
+    asks = [{"GPU": 0.5, "CPU": 1.0}, {"GPU": 1.0, "CPU": 1.0}, {"GPU": 0.5, "CPU": 1.0}]
+    assert workers_that_fit({"GPU": 1.0, "CPU": 8.0}, asks) == 1  # the second (a whole GPU) does not fit
+    assert workers_that_fit({"GPU": 2.0, "CPU": 2.0}, asks) == 2  # two CPUs: the third waits
+    assert workers_that_fit({"GPU": 2.0, "CPU": 3.0}, asks) == 3
+    assert workers_that_fit({}, [{}, {"CPU": 0.0}]) is None  # nobody asks for anything: no limit
+    assert workers_that_fit({"CPU": 0.003 - 1e-9}, [{"CPU": 0.001}] * 5) == 3  # fixed-point rounding tolerated
+
+
+def test_resources_dead_workers_hold_count_as_free_and_are_named():
+    free, freed, ask = {"GPU": 0.0, "CPU": 3.0}, add_asks([{"GPU": 1.0, "CPU": 1.0}] * 2), {"GPU": 1.0, "CPU": 1.0}
+    assert freed == {"GPU": 2.0, "CPU": 2.0}
+    assert workers_that_fit(add_asks([free, freed]), [ask] * 3) == 2
+    assert describe_room(free, freed, ask, 2) == (
+        "Ray has 0 GPU, 3 CPU free (+2 GPU, 2 CPU that dead workers hold until Ray releases them): "
+        "room for 2 more workers asking 1 GPU, 1 CPU each")
+    assert "dead workers" not in describe_room(free, {}, ask, 0)
+
+
+def test_a_grow_without_room_is_refused_naming_what_ray_has():
+    note = "Ray has 0.5 GPU free: room for 0 more workers asking 1 GPU each"
+    with pytest.raises(CapacityError) as err:
+        decide(view(spares=(), num_spares=0, startable=0, startable_note=note), Request("grow", add=1))
+    assert str(err.value) == f"1 workers must be started (ranks [4]) but only 0 may be ({note})"
+
+
+def test_a_cold_replacement_that_fits_is_not_refused():
+    v = view(spr=3, spares=(), num_spares=0, dead={"w1"}, startable=1, startable_note="room for 1")
+    assert decide(v, Request("recover")).starts == (WorkerStart(node=0, rank=1),)

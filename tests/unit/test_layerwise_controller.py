@@ -64,8 +64,8 @@ def test_whole_model_is_one_step_and_reports_its_staging(world_and_cfg):
     old = c.layout
     rep = c.rebalance(LOAD)  # layers_per_step defaults to the config's 0: the whole model at once
     whole = staged_bytes(plan_transfers(old, c.layout, old.ranks, expert_bytes=SMALL.expert_bytes))
-    assert rep["migration_steps"] == rep["commits"] == 1 and rep["epoch_to"] == 1
-    assert rep["staging_peak_bytes"] == {str(r): b for r, b in whole.items()} and max(whole.values()) > 0
+    assert rep.migration_steps == rep.commits == 1 and rep.epoch_to == 1
+    assert rep.staging_peak_bytes == whole and max(whole.values()) > 0
     _served(c)
 
 
@@ -86,7 +86,7 @@ def test_controller_death_in_the_second_step_keeps_a_committed_layout_and_a_retr
     _served(c2)
     assert c2.verify()["ok"]
     rep = c2.rebalance(LOAD, layers_per_step=1)  # plans from the partial layout and finishes the move
-    assert rep["epoch_from"] == c2.epoch - rep["commits"] and rep["commits"] == rep["migration_steps"] >= 1
+    assert rep.epoch_from == c2.epoch - rep.commits and rep.commits == rep.migration_steps >= 1
     assert c2.layout != old and c2.layout.rank_loads(LOAD).max() <= old.rank_loads(LOAD).max()
     _served(c2)
     assert c2.verify()["ok"] and c2.rebalance(LOAD, layers_per_step=1)["noop"]  # converged
@@ -109,8 +109,8 @@ def test_worker_death_in_the_second_step_leaves_the_first_committed_and_the_retr
     for rank, wid in live.items():
         assert np.array_equal(world.procs[wid].experts, first.experts_of(rank))
     rep = c.rebalance(LOAD, layers_per_step=1)  # heals the dead rank and rebalances, the whole model at once
-    assert rep["replaced"] == {str(sender): "w4"} and rep["migration_steps"] == 1 and rep["epoch_from"] == 1
-    assert any("changes membership" in n for n in rep["notes"])
+    assert rep.replaced == {sender: "w4"} and rep.migration_steps == 1 and rep.epoch_from == 1
+    assert any("changes membership" in n for n in rep.notes)
     _served(c)
     assert c.verify()["ok"]
 
@@ -123,10 +123,10 @@ def test_recoveries_move_the_whole_model_even_when_the_config_asks_for_layers(wo
     c.start()
     c.workers.kill(c.workers.members[1])
     rep = c.recover()
-    assert rep["migration_steps"] == rep["commits"] == 1 and rep["notes"] == []
+    assert rep.migration_steps == rep.commits == 1 and rep.notes == ()
     _served(c)
     rep = c.rebalance(LOAD)  # the config's layers_per_step applies to rebalances
-    assert rep["commits"] == rep["migration_steps"] > 1
+    assert rep.commits == rep.migration_steps > 1
     _served(c)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from dataclasses import replace
+
 from elastic_ep.errors import CapacityError
 from elastic_ep.metrics import (
     METRICS,
@@ -12,6 +14,7 @@ from elastic_ep.metrics import (
     reconfiguration_samples,
     serving_call_samples,
 )
+from elastic_ep.report import RebalanceReport
 
 
 def _by_metric(samples):
@@ -21,12 +24,12 @@ def _by_metric(samples):
     return out
 
 
-REPORT = {
-    "reason": "recover", "epoch_from": 3, "epoch_to": 4, "noop": False, "total_s": 0.25,
-    "phases": {"detect": 0.01, "plan": 0.002, "transfer": 0.2},
-    "bytes_p2p": 4096, "bytes_from_backup": 0, "bytes_from_checkpoint": 1024,
-    "balance": {"before": 1.4, "after": 1.05},
-}
+REPORT = RebalanceReport(
+    reason="recover", epoch_from=3, epoch_to=4, noop=False, total_s=0.25,
+    phases={"detect": 0.01, "plan": 0.002, "transfer": 0.2},
+    bytes_p2p=4096, bytes_from_backup=0, bytes_from_checkpoint=1024,
+    balance={"before": 1.4, "after": 1.05},
+)
 
 
 def test_a_committed_recovery_counts_once_with_its_phases_bytes_and_balance():
@@ -36,7 +39,7 @@ def test_a_committed_recovery_counts_once_with_its_phases_bytes_and_balance():
     assert got["elastic_ep_reconfiguration_seconds"] == [({"cluster": "c1", "reason": "recover",
                                                            "outcome": "committed"}, 0.25)]
     phases = {tags["phase"]: v for tags, v in got["elastic_ep_phase_seconds"]}
-    assert phases == REPORT["phases"]
+    assert phases == REPORT.phases
     moved = {tags["source"]: v for tags, v in got["elastic_ep_moved_bytes_total"]}
     assert moved == {"peer": 4096.0, "checkpoint": 1024.0}  # zero backup bytes: no counter increment
     assert got["elastic_ep_rank_load_imbalance"] == [({"cluster": "c1"}, 1.05)]
@@ -44,8 +47,8 @@ def test_a_committed_recovery_counts_once_with_its_phases_bytes_and_balance():
 
 
 def test_a_noop_is_its_own_outcome_and_moves_nothing():
-    got = _by_metric(reconfiguration_samples("c1", {**REPORT, "noop": True, "bytes_p2p": 0,
-                                                    "bytes_from_checkpoint": 0}))
+    got = _by_metric(reconfiguration_samples("c1", replace(REPORT, noop=True, bytes_p2p=0,
+                                                                      bytes_from_checkpoint=0)))
     assert got["elastic_ep_reconfigurations_total"][0][0]["outcome"] == "noop"
     assert "elastic_ep_moved_bytes_total" not in got
 

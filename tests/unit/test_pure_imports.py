@@ -47,7 +47,8 @@ def test_planning_core_imports_no_ray_or_torch():
 
 @pytest.mark.parametrize("module", ["elastic_ep", "elastic_ep.errors", "elastic_ep.layout", *BALANCE, "elastic_ep.plan",
                                     "elastic_ep.decide", "elastic_ep.serving.dispatch", "elastic_ep.serving_stats",
-                                    "elastic_ep.degraded", "elastic_ep.migration"])
+                                    "elastic_ep.degraded", "elastic_ep.migration", "elastic_ep.replies",
+                                    "elastic_ep.report", "elastic_ep.status", "elastic_ep.room"])
 def test_each_pure_module_alone(module):
     _check([module])
 
