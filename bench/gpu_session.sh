@@ -23,6 +23,9 @@ case "${1:-serving}" in
     step serving 170 -m bench.serving --device cuda --ranks 2 --calls 8 --json "$OUT/serving.json"
     step serving_faults 190 -m bench.serving_faults --device cuda --layers-per-step 1 --json "$OUT/serving_faults.json"
     step fp8_recovery 200 -m bench.fp8_recovery --layers 2 --json "$OUT/fp8_recovery.json" ;;
+  faults)  # what little device time is left: the serving gap first, then the data paths
+    step serving_faults 200 -m bench.serving_faults --device cuda --layers-per-step 1 --json "$OUT/serving_faults.json"
+    step serving 150 -m bench.serving --device cuda --ranks 2 --calls 5 --json "$OUT/serving.json" ;;
   recovery)
     step fp8_recovery 300 -m bench.fp8_recovery --layers 2 --json "$OUT/fp8_recovery.json"
     step gpu_recovery 250 -m bench.gpu_recovery --json "$OUT/gpu_recovery.json" ;;
