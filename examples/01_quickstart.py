@@ -11,8 +11,7 @@ or as a job on a running Ray cluster (then it joins that cluster instead):
 It writes a small synthetic checkpoint to a temp dir, starts 4 ranks x 5 slots,
 routes Zipf-skewed batches (16 x 8192 tokens; `--batches N --tokens N` for fewer),
 rebalances by the recorded load and prints what moved and how even the ranks' loads
-are before and after. Exits 1 if any slot's weights
-differ from the checkpoint.
+are before and after. Exits 1 if any slot's weights differ from the checkpoint.
 """
 
 from __future__ import annotations
