@@ -37,7 +37,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE_TIMEOUT_S = 360.0
 DASHBOARD = "http://127.0.0.1:8265"  # the address the README's commands use
-DEFAULT_PORTS = (6379, 8265)  # GCS and dashboard ports `ray start --head` takes by default
+# GCS, dashboard and job-agent ports `ray start --head` takes by default; with 52365 held by another Ray
+# the head's job agent never serves, and every submit fails with NO_AGENT however often it is retried.
+DEFAULT_PORTS = (6379, 8265, 52365)
 NO_AGENT = "No available agent to submit job, please try again later"  # Ray's message while the agent registers
 SUBMIT_ATTEMPTS = 5
 SUBMIT_RETRY_S = 3.0
