@@ -96,7 +96,8 @@ def cmd_demo(args) -> int:
     spec = _spec_from_args(args)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="eep-demo-"))
     t0 = _step(f"1. synthetic checkpoint (DeepSeek-V2-Lite expert layout, scaled down) in {work}")
-    ckpt = write_synthetic_checkpoint(work / "checkpoint", spec, preset="deepseek", num_shards=4, progress=True)
+    ckpt = write_synthetic_checkpoint(work / "checkpoint", spec, preset="deepseek", num_shards=min(4, spec.num_layers),
+                                      progress=True)
     print(f"   {spec.num_layers} MoE layers x {spec.num_experts} experts, "
           f"{spec.expert_bytes / 1024:.0f} KiB per expert ({time.perf_counter() - t0:.2f}s)")
 

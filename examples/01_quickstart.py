@@ -9,13 +9,14 @@ or as a job on a running Ray cluster (then it joins that cluster instead):
     ray job submit --working-dir . -- python examples/01_quickstart.py
 
 It writes a small synthetic checkpoint to a temp dir, starts 4 ranks x 5 slots,
-routes Zipf-skewed batches, rebalances by the recorded load and prints what moved
-and how even the ranks' loads are before and after. Exits 1 if any slot's weights
-differ from the checkpoint.
+routes Zipf-skewed batches (16 x 8192 tokens; `--batches N --tokens N` for fewer),
+rebalances by the recorded load and prints what moved and how even the ranks' loads
+are before and after. Exits 1 if any slot's weights differ from the checkpoint.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -43,7 +44,7 @@ def imbalance(layout: ExpertLayout, load: np.ndarray) -> float:
     return float((rank_load.max(axis=1) / rank_load.mean(axis=1)).mean())
 
 
-def main() -> int:
+def main(batches: int, tokens: int) -> int:
     on_cluster = "RAY_ADDRESS" in os.environ  # under `ray job submit`: join that cluster
     with tempfile.TemporaryDirectory(prefix="eep-quickstart-") as work:
         ckpt = write_synthetic_checkpoint(Path(work) / "checkpoint", SPEC)
@@ -55,9 +56,9 @@ def main() -> int:
                   f"({info.checkpoint_bytes // 1024} KiB read from the checkpoint)")
 
             before = ExpertLayout.from_dict(cluster.status()["layout"])
-            load = cluster.run_workload(batches=16, tokens_per_batch=8192, zipf_s=1.5)
+            load = cluster.run_workload(batches=batches, tokens_per_batch=tokens, zipf_s=1.5)
             hottest = load.max(axis=1) / load.sum(axis=1)  # [num_layers]
-            print(f"routed 16 batches x 8192 tokens; the hottest expert of each layer got "
+            print(f"routed {batches} batches x {tokens} tokens; the hottest expert of each layer got "
                   f"{', '.join(f'{x:.0%}' for x in hottest)} of its layer's load")
 
             report = cluster.rebalance()
@@ -76,4 +77,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=16, help="batches of the skewed workload (default 16)")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per batch (default 8192; fewer is quicker)")
+    args = parser.parse_args()
+    sys.exit(main(args.batches, args.tokens))

@@ -6,7 +6,8 @@ Runs on an embedded local Ray on the CPU (Gloo), from the repository root:
 
 or as a job on a running Ray cluster: `ray job submit --working-dir . -- python examples/03_grow_and_shrink.py`.
 
-Starts 4 ranks x 5 slots with no spare and balances a skewed load. grow(1) starts a
+Starts 4 ranks x 5 slots with no spare and balances a skewed load (16 batches x 8192
+tokens; `--batches N --tokens N` for fewer). grow(1) starts a
 fifth worker and fills its slots from its peers; shrink() moves what the retired
 rank holds onto the others before it leaves, so nothing is read from the checkpoint
 (its worker stays on as a spare). Prints the bytes moved each time; exits 1 if verification
@@ -15,6 +16,7 @@ against the checkpoint fails or the shrink read the checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -49,14 +51,14 @@ def verified(cluster: ElasticEPCluster) -> bool:
     return ver.ok
 
 
-def main() -> int:
+def main(batches: int, tokens: int) -> int:
     on_cluster = "RAY_ADDRESS" in os.environ  # under `ray job submit`: join that cluster
     with tempfile.TemporaryDirectory(prefix="eep-grow-") as work:
         ckpt = write_synthetic_checkpoint(Path(work) / "checkpoint", SPEC)
         cfg = ClusterConfig(model=SPEC, checkpoint=str(ckpt), num_ranks=4, slots_per_rank=5, num_spares=0,
                             state_dir=str(Path(work) / "state"), address="auto" if on_cluster else None)
         with ElasticEPCluster(cfg, ray_init_kwargs=None if on_cluster else {"num_cpus": 2}) as cluster:
-            cluster.run_workload(batches=16, tokens_per_batch=8192, zipf_s=1.5)  # workers count tokens
+            cluster.run_workload(batches=batches, tokens_per_batch=tokens, zipf_s=1.5)  # workers count tokens
             rebalance = cluster.rebalance()  # collects those counts: grow and shrink plan by them too
             print(f"started ranks {cluster.status()['ranks']}; balanced a skewed load ({moved(rebalance)})")
 
@@ -80,4 +82,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=16, help="batches of the skewed workload (default 16)")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per batch (default 8192; fewer is quicker)")
+    args = parser.parse_args()
+    sys.exit(main(args.batches, args.tokens))
