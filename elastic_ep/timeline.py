@@ -31,6 +31,8 @@ from .serving_stats import (  # noqa: E402
     CallRecord, EventMark, Gap, ServingLog, ServingStatsError, ServingSummary, completion_gaps, summarize,
 )
 
+MAX_LABELLED_KILLS = 12  # beyond this many kills in one figure, kill marks are drawn thin and unlabelled
+
 MARK_STYLE = {  # kind -> (colour, line style, legend text)
     "kill": ("#d62728", "-", "kill"),
     "detect": ("#ff7f0e", "--", "death detected"),
@@ -137,15 +139,17 @@ def _draw(calls, marks, path: Path, title: str, bin_s: Optional[float], window: 
             top.annotate(f"rebalance\n{ratio}", xy=((r.t_start_s + r.t_end_s) / 2 - t0, 0.06), xycoords=("data", "axes fraction"),
                          ha="center", va="bottom", fontsize=9, color="#5b3a8c",
                          bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.8))
-    for m in marks:
-        if lo <= m.t_s <= hi:
-            colour, ls, text = MARK_STYLE[m.kind]
-            for ax in (top, bottom):
-                ax.axvline(m.t_s - t0, color=colour, ls=ls, lw=1.6, label=None if m.kind in seen or ax is top else text)
-            seen.add(m.kind)
-            if m.kind == "kill" and m.label:
-                top.annotate(m.label, xy=(m.t_s - t0, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 3),
-                             textcoords="offset points", ha="center", va="bottom", fontsize=9, color=colour)
+    shown = [m for m in marks if lo <= m.t_s <= hi]
+    crowded = sum(m.kind == "kill" for m in shown) > MAX_LABELLED_KILLS  # a long soak: thin marks, no kill labels
+    for m in shown:
+        colour, ls, text = MARK_STYLE[m.kind]
+        for ax in (top, bottom):
+            ax.axvline(m.t_s - t0, color=colour, ls=ls, lw=0.5 if crowded else 1.6, alpha=0.5 if crowded else 1.0,
+                       label=None if m.kind in seen or ax is top else text)
+        seen.add(m.kind)
+        if m.kind == "kill" and m.label and not crowded:
+            top.annotate(m.label, xy=(m.t_s - t0, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 3),
+                         textcoords="offset points", ha="center", va="bottom", fontsize=9, color=colour)
     for ax in (top, bottom):  # legends beside the plots, never over the data
         ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, framealpha=0.9)
     for ax in (top, bottom):

@@ -95,3 +95,26 @@ def test_an_unrecovered_kill_is_drawn_as_an_open_gap(tmp_path):
     assert not s.kills[1].recovered and s.kills[1].gap.end_s == pytest.approx(5.49)
     img = _check_png(write_timeline(calls, marks, tmp_path / "open.png", title="Second kill loses the last copy"))
     assert _has_colour(img, (0.839, 0.153, 0.157))
+
+
+def test_a_long_soak_draws_kill_marks_thin_and_unlabelled(tmp_path, monkeypatch):
+    """Beyond MAX_LABELLED_KILLS kills in one figure, kill labels would overlap into an unreadable band: none is drawn."""
+    from matplotlib.axes import Axes
+
+    from elastic_ep.timeline import MAX_LABELLED_KILLS
+
+    texts = []
+    original = Axes.annotate
+    monkeypatch.setattr(Axes, "annotate", lambda self, text, *a, **k: (texts.append(text), original(self, text, *a, **k))[1])
+    few = synthetic_stream()
+    write_timeline(few, None, tmp_path / "few.png", title="one kill")
+    assert "rank 3" in texts
+    texts.clear()
+    many = ServingLog()
+    for i in range(400):  # 20 s of calls, a kill every 0.5 s after the first second
+        many.record(CallRecord(i * 0.05, i * 0.05 + 0.01, 64))
+    for k in range(MAX_LABELLED_KILLS + 20):
+        many.mark("kill", f"rank {k}", t_s=1.0 + 0.5 * k)
+        many.mark("commit", "", t_s=1.2 + 0.5 * k)
+    _check_png(write_timeline(many, None, tmp_path / "many.png", title="soak"))
+    assert not any(str(t).startswith("rank ") for t in texts)
