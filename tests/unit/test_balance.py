@@ -18,6 +18,7 @@ from elastic_ep.balance import (
 )
 from elastic_ep.errors import LayoutError, CapacityError, ElasticEPError, LoadStatsError
 from elastic_ep.layout import ExpertLayout
+from tests.strategies import placement_sizes
 from elastic_ep.plan import plan_transfers
 
 POLICY_NAMES = ("eplb", "sticky")
@@ -328,10 +329,7 @@ def test_hierarchical_sticky_within_tolerance_of_eplb():
 
 @st.composite
 def global_problems(draw):
-    num_layers = draw(st.integers(1, 4))
-    num_experts = draw(st.integers(4, 32))
-    num_ranks = draw(st.integers(2, 8))
-    spr = draw(st.integers(-(-num_experts // num_ranks), num_experts))
+    num_layers, num_experts, num_ranks, spr = placement_sizes(draw, 4, 32, 8)
     elements = st.one_of(st.just(0.0), st.floats(0.0, 1e4, allow_nan=False, allow_infinity=False))
     base = draw(hnp.arrays(np.float64, (num_layers, num_experts), elements=elements))
     skew = draw(st.sampled_from([0.0, 1.0, 2.0, 3.0]))

@@ -28,15 +28,13 @@ from elastic_ep.migration import (
     staged_bytes,
 )
 from elastic_ep.plan import DST, DST_SLOT, EXPERT, LAYER, apply_plan, plan_transfers
+from tests.strategies import placement_sizes
 
 
 @st.composite
 def rebalances(draw):
     """(old, target, layers_per_step, expert_bytes): a load-driven re-placement over the same ranks."""
-    num_layers = draw(st.integers(1, 7))
-    num_experts = draw(st.integers(4, 16))
-    num_ranks = draw(st.integers(2, 6))
-    spr = draw(st.integers(-(-num_experts // num_ranks), num_experts))
+    num_layers, num_experts, num_ranks, spr = placement_sizes(draw, 7, 16, 6)
     num_nodes = draw(st.integers(1, 2))
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
     ranks = [10 * draw(st.integers(0, 2)) + i for i in range(num_ranks)]
