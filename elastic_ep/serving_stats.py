@@ -288,11 +288,21 @@ def kill_window(calls: Calls, marks: Sequence[EventMark], k: float) -> tuple[flo
     return max(_log_end(t, marks), k), False
 
 
-def kill_stats(calls: Calls, marks: Sequence[EventMark], kill: EventMark) -> KillStats:
-    """Measure the serving gap, failures and latency in one kill's window (gaps shared out among ``marks``' kills)."""
+def kill_windows(calls: Calls, marks: Sequence[EventMark], extra: Sequence[float] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(kill times, ascending and unique; each one's window end) of the kills in ``marks`` plus ``extra``."""
+    t = CallTable.of(calls)
+    kills = np.unique([m.t_s for m in marks if m.kind == "kill"] + list(extra))
+    return kills, np.array([kill_window(t, marks, x)[0] for x in kills])
+
+
+def kill_stats(calls: Calls, marks: Sequence[EventMark], kill: EventMark,
+               windows: Optional[tuple[np.ndarray, np.ndarray]] = None) -> KillStats:
+    """Measure the serving gap, failures and latency in one kill's window (gaps shared out among ``marks``' kills).
+
+    windows: ``kill_windows(calls, marks)`` when the caller measures every kill (computed here otherwise).
+    """
     t, k = CallTable.of(calls), kill.t_s
-    kills = np.unique([m.t_s for m in marks if m.kind == "kill"] + [k])
-    window_ends = np.array([kill_window(t, marks, x)[0] for x in kills])
+    kills, window_ends = windows if windows is not None else kill_windows(t, marks, [k])
     commit = _first_after(marks, "commit", k)
     detect = _first_after(marks, "detect", k)
     end, recovered = kill_window(t, marks, k)
@@ -438,7 +448,8 @@ def summarize(calls: Sequence[CallRecord], marks: Sequence[EventMark] = (), *, m
     marks = sorted(marks, key=lambda m: m.t_s)
     end = _log_end(table, marks)
     t0 = min([float(table.start.min())] + [m.t_s for m in marks])
-    kills = tuple(kill_stats(table, marks, m) for m in marks if m.kind == "kill")
+    kill_ends = kill_windows(table, marks)  # once for all kills: each kill's gap depends on every kill's window
+    kills = tuple(kill_stats(table, marks, m, kill_ends) for m in marks if m.kind == "kill")
     kills = tuple(replace(k, in_gap_of=next((o.t_kill_s for o in kills if o.t_kill_s < k.t_kill_s
                                              and o.gap.start_s <= k.t_kill_s < o.gap.end_s), None)) for k in kills)
     rebs = rebalance_windows(marks, end)
