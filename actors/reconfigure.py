@@ -70,8 +70,7 @@ class Reconfiguration:
     def __init__(self, ctl: "Controller", request: Request, attempt: int, load_override=None,
                  layers_per_step: Optional[int] = None):
         self.ctl = ctl
-        self.layers_per_step = int(layers_per_step if layers_per_step is not None
-                                   else getattr(ctl.cfg, "layers_per_step", 0))
+        self.layers_per_step = int(ctl.cfg.layers_per_step if layers_per_step is None else layers_per_step)
         self.att = Attempt(request=request, load_override=load_override,
                            rep=ReportDraft(reason=request.kind, epoch_from=ctl.epoch, attempt=attempt))
 

@@ -180,6 +180,10 @@ class ElasticEPCluster:
 
     # -- calls -----------------------------------------------------------------------------
 
+    def _reconfigure_bound_s(self) -> float:
+        """How long one controller call may take by default: a call plus two transfers' worth."""
+        return self.config.call_timeout_s + 2 * self.config.transfer_timeout_s
+
     def _call(self, method: str, *args, timeout: Optional[float] = None, **kwargs):
         """Call the controller with a bound; survive a controller restart by retrying once it is back."""
         import ray
@@ -187,7 +191,7 @@ class ElasticEPCluster:
 
         if self._controller is None:
             raise ElasticEPError("the cluster is not started; call start() first")
-        limit = timeout or (self.config.call_timeout_s + 2 * self.config.transfer_timeout_s)
+        limit = timeout or self._reconfigure_bound_s()
         deadline = time.monotonic() + limit
         while True:
             ref = getattr(self._controller, method).remote(*args, **kwargs)
@@ -250,7 +254,7 @@ class ElasticEPCluster:
         """
         lps = self.config.layers_per_step if layers_per_step is None else layers_per_step
         steps = -(-self.config.model.num_layers // lps) if isinstance(lps, int) and lps > 0 else 1
-        limit = steps * (self.config.call_timeout_s + 2 * self.config.transfer_timeout_s)  # a bound per commit
+        limit = steps * self._reconfigure_bound_s()  # a bound per commit
         return self._call("rebalance", None if load is None else np.asarray(load), layers_per_step, timeout=limit)
 
     def recover(self) -> RebalanceReport:
@@ -266,8 +270,7 @@ class ElasticEPCluster:
     def verify(self, against_checkpoint: bool = False, progress: Optional[bool] = None) -> VerifyResult:
         """Check every slot's weights against its logical expert's reference fingerprint."""
         if against_checkpoint:
-            limit = self.config.call_timeout_s + 2 * self.config.transfer_timeout_s  # as _call's default
-            return self._call_with_bars("verify", True, timeout=limit, show=progress)
+            return self._call_with_bars("verify", True, timeout=self._reconfigure_bound_s(), show=progress)
         return self._call("verify", against_checkpoint)
 
     def kill(self, rank: Union[int, str], allow_restart: bool = False) -> str:
