@@ -131,7 +131,8 @@ class ControllerLifecycle:
             # The decision was written: the new layout is in force. Workers that staged it
             # commit now (a second commit of one epoch is a no-op); one that cannot is dead.
             epoch = int(self.pending_commit["epoch"])
-            calls = {r: (x, "commit", (epoch, r)) for r, x in w.members.items() if x in live}
+            view = self.committed_view()
+            calls = {r: (x, "commit", (epoch, r, view)) for r, x in w.members.items() if x in live}
             w.call_all(calls, cfg.call_timeout_s, "commit (resume)", tolerate_dead=True)
             retired = [x for x in self.pending_commit.get("retired", []) if x in live]
             done = w.call_all({x: (x, "retire", ()) for x in retired}, cfg.call_timeout_s, "retire (resume)",

@@ -250,7 +250,8 @@ class Reconfiguration:
     def commit(self, att: Attempt) -> Step:
         ctl, cfg, rep, d = self.ctl, self.ctl.cfg, att.rep, att.decision
         w = ctl.workers
-        calls = {r: (wid, "commit", (att.epoch, r)) for r, wid in att.members.items() if not w.is_dead(wid)}
+        view = ctl.committed_view()  # what persist installed: each rank keeps it for clients (controller may die)
+        calls = {r: (wid, "commit", (att.epoch, r, view)) for r, wid in att.members.items() if not w.is_dead(wid)}
         done = w.call_all(calls, cfg.call_timeout_s, "commit", tolerate_dead=True)
         retired_ok = w.call_all({x: (x, "retire", ()) for x in d.retired}, cfg.call_timeout_s, "retire",
                                 tolerate_dead=True)

@@ -16,6 +16,7 @@ from elastic_ep.errors import CheckpointError, ExpertsLostError, StaleEpochError
 from elastic_ep.executor import ExpertWeights, StagedUpdate, commit, execute_rank_plan, warm_up
 from elastic_ep.faults import WORKER_PHASES, FaultInjector
 from elastic_ep.plan import RankPlan
+from elastic_ep.status import CommittedView
 from elastic_ep.checkpoint import CheckpointReader
 from elastic_ep.replies import (Committed, Loaded, PreparedBackups, ServedLoad, SlotFingerprints, Staged,
                                 WorkerPing)
@@ -68,6 +69,7 @@ class ExpertWorker:
         self._serve_lock = threading.Lock()  # a serving call sees one epoch's weights: commit waits for it
         self.serve_method = "auto"  # expert GEMMs: grouped, loop or auto (elastic_ep.serving.compute)
         self._interleaved: Optional[bool] = None  # w13 rows alternate gate/up (see _w13_interleaved)
+        self._view: Optional[CommittedView] = None  # the cluster's view at the last commit (committed_view)
         self._busy: Optional[str] = None
         self._lock = threading.Lock()
         self._prep_lock = threading.Lock()
@@ -339,8 +341,12 @@ class ExpertWorker:
             failed,
         )
 
-    def commit(self, epoch: int, rank: int) -> Committed:
-        """Make the staged update live (atomic per rank: plain copies that cannot fail halfway but by death)."""
+    def commit(self, epoch: int, rank: int, view: Optional[CommittedView] = None) -> Committed:
+        """Make the staged update live (atomic per rank: plain copies that cannot fail halfway but by death).
+
+        view: the cluster's CommittedView at ``epoch``, kept so that serving clients can read the
+        layout in force from any rank while the controller is restarting (``committed_view``).
+        """
         with self._lock:
             staged = self._staged
             if staged is not None and staged.epoch != epoch:
@@ -353,6 +359,8 @@ class ExpertWorker:
                 self._staged = None
                 self.rank = int(rank)
                 self.epoch = int(epoch)
+                if view is not None and view.epoch == self.epoch:
+                    self._view = view
             return Committed(commit_s=time.perf_counter() - t0, slots=0 if staged is None else len(staged.slots))
 
     def discard(self, epoch: int) -> None:
@@ -405,7 +413,7 @@ class ExpertWorker:
         """
         from elastic_ep.serving.bits import from_bits
         from elastic_ep.serving.compute import combine_rank
-        from elastic_ep.serving.weights import layer_weights
+        from elastic_ep.serving.weights import weights_for_slots
 
         x = from_bits(hidden, self.spec.dtype).to(self.device, non_blocking=True)
         rows_t = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
@@ -417,13 +425,19 @@ class ExpertWorker:
                 raise StaleEpochError(
                     f"worker {self.worker_id} holds rank {self.rank} at epoch {self.epoch}; the call was planned "
                     f"for rank {rank} at epoch {epoch}", self.epoch, int(epoch))
-            weights = layer_weights(self.weights.rows[layer], self.weights.format, self.spec.dtype,
-                                    self._w13_interleaved())
-            out = combine_rank(weights, x, rows_t, slots_t, w_t, self.serve_method, self.spec.activation)
+            weights, index = weights_for_slots(self.weights.rows[layer], self.weights.format, self.spec.dtype,
+                                               slots_t, self._w13_interleaved())
+            out = combine_rank(weights, x, rows_t, index, w_t, self.serve_method, self.spec.activation)
             self._slot_tokens[layer] += np.bincount(slots_np, minlength=self.spr)
             if self.device.type == "cuda":
                 out = out.cpu()
         return out.numpy()
+
+    def committed_view(self) -> Optional[CommittedView]:
+        """The cluster's CommittedView at the epoch this rank serves, as its commit delivered it (None: not known)."""
+        with self._serve_lock:
+            view = self._view
+            return view if view is not None and view.epoch == self.epoch else None
 
     def _w13_interleaved(self) -> bool:
         """Whether the held w13 rows alternate gate/up (a quantized gpt-oss checkpoint as read); found once."""
@@ -477,7 +491,7 @@ def worker_actor_class(device: str):
 # Which concurrency group each method runs in.
 ExpertWorker.prepare_backups = ray.method(concurrency_group="prepare")(ExpertWorker.prepare_backups)
 ExpertWorker.watch = ray.method(concurrency_group="watch")(ExpertWorker.watch)
-for _name in ("serve_layer", "set_serve_method"):  # serving runs beside transfers (issue 17: never stop serving)
+for _name in ("serve_layer", "set_serve_method", "committed_view"):  # serving runs beside transfers (issue 17: never stop serving)
     setattr(ExpertWorker, _name, ray.method(concurrency_group="serve")(getattr(ExpertWorker, _name)))
 for _name in ("ping", "arm_fault", "disarm_fault", "abort"):
     setattr(ExpertWorker, _name, ray.method(concurrency_group="control")(getattr(ExpertWorker, _name)))

@@ -60,7 +60,9 @@ class MoEClient:
     get_view: returns the controller's current CommittedView (a remote call).
     view_max_age_s: a view older than this is re-read in the background (0: after every call),
     calls going on with the held one meanwhile; a stale one is harmless, since ranks reject a
-    call planned on another epoch (the call then re-reads it at once).
+    call planned on another epoch: the call then takes the later view from the rank that
+    rejected it (each rank keeps the view its commit came with), so a restarting controller
+    stalls no call; only a rank with no view sends the call to re-read the controller's.
     unavailable_timeout_s: how long a call whose experts have no live replica waits for the
     recovery's commit (polling the view) before ExpertsUnavailableError names them.
     degraded: opt-in; such tokens are instead served over their remaining top-k experts,
@@ -210,11 +212,14 @@ class MoEClient:
                             exc.experts) from None
                     last, refresh = exc, True
                     time.sleep(self.retry_sleep_s)
+                except _RankMovedOn as exc:  # read the later view from that rank: the controller may be restarting
+                    last = exc.error
+                    refresh = not self._adopt_view_of(exc.handle, view.epoch, deadline)
                 except StaleEpochError as exc:
                     last = exc
                     if exc.worker_epoch < exc.call_epoch:  # a rank has yet to apply the commit the view shows:
                         time.sleep(self.retry_sleep_s)  # wait for it; re-reading the view would not help
-                    else:  # the ranks moved on (or the rank changed hands): re-read the view
+                    else:  # the rank changed hands at this epoch: re-read the view
                         refresh = True
                 tally.attempts += 1
                 if time.monotonic() + self.retry_sleep_s > deadline:
@@ -222,6 +227,23 @@ class MoEClient:
                                        f"{self.call_timeout_s:.1f}s: {last}")
         finally:
             tally.retried_pairs, tally.retried_tokens = sums.resent_pairs, sums.resent_tokens()
+
+    def _adopt_view_of(self, handle, epoch: int, deadline: float) -> bool:
+        """Hold the later CommittedView a rank got with its commit; False where it has none (re-read the controller).
+
+        A rank that committed a later epoch than ``epoch`` knows the whole view in force, so a
+        client behind it catches up without asking a controller that may be restarting.
+        """
+        import ray
+
+        try:
+            got = ray.get(handle.committed_view.remote(), timeout=max(0.001, min(deadline - time.monotonic(), 5.0)))
+        except Exception:  # noqa: BLE001 - the rank died or is slow: the controller's view will do
+            return False
+        if got is None or got.epoch <= epoch:
+            return False
+        self._store(got, False)
+        return True
 
     def _route(self, layer: int, row: np.ndarray, view: CommittedView, dead: frozenset, ids: np.ndarray,
                weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -312,8 +334,11 @@ class MoEClient:
                 partial = ray.get(ref, timeout=max(0.001, deadline - time.monotonic()))
             except RayTaskError as exc:
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                failures.append(cause if isinstance(cause, StaleEpochError) else ServingError(
-                    f"rank {part.rank} failed layer {plan.layer}: {type(cause).__name__}: {cause}"))
+                if isinstance(cause, StaleEpochError) and cause.worker_epoch > cause.call_epoch:
+                    failures.append(_RankMovedOn(cause, view.workers[part.rank]))
+                else:
+                    failures.append(cause if isinstance(cause, StaleEpochError) else ServingError(
+                        f"rank {part.rank} failed layer {plan.layer}: {type(cause).__name__}: {cause}"))
                 continue
             except RayActorError as exc:
                 died.append((part, type(exc).__name__))
@@ -324,6 +349,14 @@ class MoEClient:
         if died:
             raise _RankFailed(f"ranks {[p.rank for p, _ in died]} died during layer {plan.layer}: {died[0][1]}",
                               [p.rank for p, _ in died])
+
+
+class _RankMovedOn(Exception):
+    """A rank serves a later committed epoch than the call's; ``handle`` is that rank's worker (to read its view)."""
+
+    def __init__(self, error: StaleEpochError, handle):
+        super().__init__(str(error))
+        self.error, self.handle = error, handle
 
 
 class _PartialSums:

@@ -13,8 +13,9 @@ import torch
 
 from elastic_ep.cluster import ElasticEPCluster
 from elastic_ep.degraded import degrade_routing
-from elastic_ep.errors import ExpertsUnavailableError
+from elastic_ep.errors import ElasticEPError, ExpertsUnavailableError
 from elastic_ep.layout import ExpertLayout
+from elastic_ep.serving.client import MoEClient
 from elastic_ep.serving.dispatch import plan_dispatch
 from elastic_ep.serving.oracle import CheckpointOracle, output_tolerance
 from elastic_ep.serving.stream import ServingStream, StreamConfig
@@ -78,6 +79,33 @@ def test_a_sigkilled_rank_is_masked_within_the_call_before_the_controller_says_s
     # no rank dies under them; one that meets the recovered epoch re-sends its whole call there (never a mix)
     assert all(c.retried_pairs % (2 * c.tokens) == 0 for c in log.snapshot()[0][2:]) and client.stats.failed == 0
     cluster.wait_healthy(timeout_s=90)
+
+
+def test_a_client_behind_a_commit_reads_the_view_from_a_rank_while_the_controller_cannot_answer(cluster, oracle):
+    """A controller killed after a commit (restarting for seconds) must not stall clients that hold the old view."""
+    cluster.wait_healthy(timeout_s=90)
+    first = cluster.client().view(refresh=True)
+    asked = []
+
+    def controller_view():  # answers once, then is unreachable
+        asked.append(1)
+        if len(asked) > 1:
+            raise ElasticEPError("the controller is restarting")
+        return first
+
+    log = ServingLog()
+    client = MoEClient(controller_view, SMALL, view_max_age_s=3600.0, log=log)
+    hidden, ids, weights = _batch(40)
+    _assert_close(client.moe(0, hidden, ids, weights), oracle(0, hidden, ids, weights))
+    cluster.rebalance(load=np.random.default_rng(4).random((SMALL.num_layers, SMALL.num_experts)) * 100)
+    epoch = cluster.status()["epoch"]
+    assert epoch > first.epoch  # every rank committed a layout this client was not told of
+    for layer in range(SMALL.num_layers):
+        hidden, ids, weights = _batch(41 + layer)
+        _assert_close(client.moe(layer, hidden, ids, weights), oracle(layer, hidden, ids, weights))
+    calls, _ = log.snapshot()
+    assert [c.epoch for c in calls] == [first.epoch] + [epoch] * SMALL.num_layers and all(c.ok for c in calls)
+    assert len(asked) == 1 and client.view().epoch == epoch  # the new view came from a rank, not the controller
 
 
 def test_serving_threads_run_through_a_rebalance_and_a_sigkill_recovery(cluster, oracle):

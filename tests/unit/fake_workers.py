@@ -67,7 +67,8 @@ class FakeWorker:
                       staged=tuple((int(l), int(s), int(experts[l, s]), int(fps[l, s])) for l, s in changed),
                       bytes_received=received, bytes_from_checkpoint=len(reads) * w.spec.expert_bytes)
 
-    def commit(self, epoch: int, rank: int) -> Committed:
+    def commit(self, epoch: int, rank: int, view=None) -> Committed:
+        self.view = view
         if self.staged is not None:
             if self.staged[0] != epoch:
                 raise TransferError(f"{self.wid} has staging for epoch {self.staged[0]}, not {epoch}")
