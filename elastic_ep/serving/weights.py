@@ -14,8 +14,9 @@ plus ``"w13_bias": [S, 2I]`` and ``"w2_bias": [S, H]`` where the bundle has bias
 
 Quantized bundles keep the checkpoint's row order; a fused interleaved checkpoint (gpt-oss:
 gate at even rows, up at odd) stays so (``Layout.source``), and ``interleaved=True`` reorders
-its w13 rows and bias to gate then up before dequantizing. Dequantization is per call and per
-slot (correctness first; scaled low-precision GEMMs are left to engines).
+its w13 rows and bias to gate then up before dequantizing. Dequantization is per call and
+only for the slots the call uses (``weights_for_slots``; correctness first, scaled
+low-precision GEMMs are left to engines).
 """
 
 from __future__ import annotations
@@ -101,3 +102,18 @@ def layer_weights(rows: torch.Tensor, fmt: ExpertFormat, dtype: str, interleaved
             raise ServingInputError(f"serving bundles of tensors {sorted(names)} is not supported: no way to "
                                     f"make {p} from them")
     return out
+
+
+def weights_for_slots(rows: torch.Tensor, fmt: ExpertFormat, dtype: str, slots: torch.Tensor,
+                      interleaved: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The weights one call needs, and each pair's index into them.
+
+    rows: [S, row_bytes] uint8 of one layer; slots: [m] int64 local slot of each pair.
+    Unquantized: every slot's views (free) and ``slots`` as given. Quantized: only the U slots
+    used are dequantized (a decode call touches a few; a whole layer of DeepSeek-V3 experts
+    in fp32 would be tens of GB) -> ({name: [U, ...]}, [m] int64 in [0, U)).
+    """
+    if not any(name.endswith(("_scale_inv", "_blocks", "_packed")) for name in fmt.names):
+        return layer_weights(rows, fmt, dtype, interleaved), slots
+    used, index = torch.unique(slots, return_inverse=True)
+    return layer_weights(rows[used], fmt, dtype, interleaved), index

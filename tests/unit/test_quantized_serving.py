@@ -14,7 +14,8 @@ from elastic_ep.config import ModelSpec
 from elastic_ep.errors import ConfigError
 from elastic_ep.serving.compute import activate, combine_rank, expert_ffn
 from elastic_ep.serving.oracle import CheckpointOracle, output_tolerance, reference_moe
-from elastic_ep.serving.weights import dequant_int4, dequant_mxfp4, held_interleaved, layer_weights
+from elastic_ep.serving.weights import (dequant_int4, dequant_mxfp4, held_interleaved, layer_weights,
+                                       weights_for_slots)
 from tests.hf_tiny import block_experts, block_route, load_moe_blocks, write_tiny_gpt_oss
 
 transformers = pytest.importorskip("transformers")
@@ -113,6 +114,22 @@ def test_int4_bundle_from_the_writer_dequantizes_from_its_bits(tmp_path):
     codes = ((packed[..., None] >> np.arange(0, 32, 4, dtype=np.uint32)) & 0xF).astype(np.int64) - 8
     want = codes.reshape(64, 64) * np.repeat(got["w13_scale"].float().numpy(), 16, axis=1)
     assert torch.equal(w["w13"][0], torch.from_numpy(want).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("spec", [INT4, ModelSpec(num_layers=2, num_experts=4, hidden=256, intermediate=128,
+                                                  quant="fp8", block=(128, 128)), ModelSpec(num_layers=2, num_experts=4)])
+def test_a_call_dequantizes_only_the_slots_it_uses_and_computes_what_the_whole_layer_would(tmp_path, spec):
+    folder = write_checkpoint(tmp_path / "ckpt", spec, "qwen", num_shards=1)
+    reader = CheckpointReader(folder, spec, "qwen")
+    rows = reader.read_layer_slots(1, [3, 0, 2, 1])
+    slots = torch.tensor([2, 0, 2, 2, 0])
+    part, index = weights_for_slots(rows, reader.format, spec.dtype, slots)
+    quantized = spec.quant != "none"
+    assert part["w13"].shape[0] == (2 if quantized else 4)  # slots 0 and 2 only, where dequantizing costs
+    x = torch.randn(5, spec.hidden).to(torch.bfloat16)
+    rows_t, pair_w = torch.tensor([0, 1, 2, 3, 4]), torch.rand(5)
+    whole = combine_rank(layer_weights(rows, reader.format, spec.dtype), x, rows_t, slots, pair_w)
+    assert torch.equal(combine_rank(part, x, rows_t, index, pair_w), whole)
 
 
 def test_activation_is_chosen_by_the_spec_and_matches_gpt_oss_gate():
