@@ -8,6 +8,8 @@ from typing import Optional
 import ray
 from ray.exceptions import RayError
 
+from elastic_ep.errors import ConfigError
+
 from .ray_workers import RayWorkerGroup
 
 
@@ -45,7 +47,13 @@ class CommunicatorGroups:
         """
         w = self.workers
         members, spares = w.live(sorted(w.members.values())), w.live(w.spares)
-        main, used = list(members), {w.device_key(x) for x in members}
+        main, used = list(members), {}
+        for x in members:  # NCCL refuses two ranks of one communicator on one GPU (ncclInvalidUsage)
+            key = w.device_key(x)
+            if key in used:
+                raise ConfigError(f"workers {used[key]} and {x} serve two ranks on one GPU ({key}): NCCL needs a GPU "
+                                  "per rank; use num_ranks <= GPUs (hot spares may share a rank's GPU)")
+            used[key] = x
         shared = []
         for s in spares:
             key = w.device_key(s)
@@ -53,7 +61,7 @@ class CommunicatorGroups:
                 shared.append(s)
             else:
                 main.append(s)
-                used.add(key)
+                used[key] = s
         sets = [sorted(main)]
         for s in shared:
             key = w.device_key(s)

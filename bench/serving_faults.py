@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     hidden = args.hidden or (2048 if cuda else 64)
     inter = args.intermediate or (1408 if cuda else 48)
     ranks = args.ranks or (1 if cuda else 4)
-    slots = args.slots or -(-args.experts * 3 // (2 * ranks))
+    slots = args.slots or min(args.experts, -(-args.experts * 3 // (2 * ranks)))  # a rank holds an expert once
     spec = ModelSpec(num_layers=args.layers, num_experts=args.experts, hidden=hidden, intermediate=inter)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="eep-sfaults-"))
     ckpt = write_synthetic_checkpoint(work / "checkpoint", spec, preset="deepseek", num_shards=2)
