@@ -144,5 +144,7 @@ def test_readme_cluster_recipe_runs_as_written_with_token_auth_on():
         _kill_group_and_marker(proc.pid, work)
         shutil.rmtree(work, ignore_errors=True)
     assert proc.returncode == 0, f"the README's commands exited {proc.returncode}:\n{output[-6000:]}"
-    assert "QUICKSTART OK" in output, output[-6000:]
+    for line in ("rebalance: epoch 0 -> 1", "balance (max/mean rank load): before", "QUICKSTART OK"):
+        assert line in output, output[-6000:]  # the quickstart example's own checks, run as a job
+    assert "FAILED" not in output
     assert status == 401, f"the head answered an unauthenticated request with {status}: token auth is off"
