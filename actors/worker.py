@@ -415,7 +415,9 @@ class ExpertWorker:
         from elastic_ep.serving.compute import combine_rank
         from elastic_ep.serving.weights import weights_for_slots
 
-        x = from_bits(hidden, self.spec.dtype).to(self.device, non_blocking=True)
+        # A blocking copy: ``hidden`` may lie in object-store memory that backups page-locked (hostmem), which an
+        # asynchronous copy would read after this call returned (seen on H100 as 'CUDA error: invalid argument').
+        x = from_bits(hidden, self.spec.dtype).to(self.device)
         rows_t = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
         slots_np = np.asarray(slots, dtype=np.int64)
         slots_t = torch.from_numpy(slots_np).to(self.device)

@@ -50,10 +50,14 @@ from elastic_ep.testing import sigkill_workers  # noqa: E402
 from elastic_ep.timeline import write_timeline  # noqa: E402
 
 
+_STREAMS: list[ServingStream] = []  # every stream of the run, for the failures' reasons at the end
+
+
 def _stream(cluster, oracle, log, args) -> ServingStream:
     client = cluster.client(view_max_age_s=0.2, log=log)
-    return ServingStream(client, oracle, StreamConfig(tokens=args.tokens, top_k=args.top_k, threads=args.threads,
-                                                      check_every=args.check_every)).start()
+    _STREAMS.append(ServingStream(client, oracle, StreamConfig(tokens=args.tokens, top_k=args.top_k,
+                                                               threads=args.threads, check_every=args.check_every)))
+    return _STREAMS[-1].start()
 
 
 def _reload_from_checkpoint(reader: CheckpointReader, layout: dict, position: int) -> float:
@@ -122,7 +126,7 @@ def _row(log: ServingLog, arm: str, reload_s: Optional[float], moves: dict) -> d
         "steady_p50_s": s.steady_p50_s,
         "steady_p99_s": s.steady_p99_s,
         "calls": s.calls,
-        "failed_calls": s.failed_calls,
+        "failed_calls": s.failed_calls, "failed_by_kind": dict(s.failed_by_kind),
         "wrong_calls": s.wrong_calls,
         "checked_calls": s.checked_calls,
         "retried_tokens": s.retried_tokens,
@@ -209,6 +213,8 @@ def main(argv=None) -> int:
         for row, log in zip(rows, logs):
             write_timeline(log, None, out.with_name(f"{out.stem}-{row['arm']}.png"), title=f"serving faults: {row['arm']}")
         print(f"wrote {out}")
+    for reason in sorted({st.first_failure for st in _STREAMS if st.first_failure}):
+        print(f"a failed call: {reason[:3000]}")
     return 0 if all(r["wrong_calls"] == 0 for r in rows) else 1
 
 

@@ -30,9 +30,9 @@ def _repo_root() -> str:
 
 def worker_runtime_env() -> dict:
     """Ray runtime_env so workers import elastic_ep and actors from this repository, keeping the
-    caller's PYTHONPATH (GPU hosts install Ray there) and the NCCL switches."""
+    caller's PYTHONPATH (GPU hosts install Ray there), the NCCL switches and CUDA_LAUNCH_BLOCKING (debugging)."""
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [_repo_root(), os.environ.get("PYTHONPATH")]))}
-    for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+    for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "CUDA_LAUNCH_BLOCKING"):
         if key in os.environ:
             env[key] = os.environ[key]
     return {"env_vars": env}

@@ -338,7 +338,8 @@ class MoEClient:
                     failures.append(_RankMovedOn(cause, view.workers[part.rank]))
                 else:
                     failures.append(cause if isinstance(cause, StaleEpochError) else ServingError(
-                        f"rank {part.rank} failed layer {plan.layer}: {type(cause).__name__}: {cause}"))
+                        f"rank {part.rank} failed layer {plan.layer}: {type(cause).__name__}: {cause}\n"
+                        f"rank {part.rank}'s traceback (end):\n{_traceback_tail(exc)}"))
                 continue
             except RayActorError as exc:
                 died.append((part, type(exc).__name__))
@@ -349,6 +350,11 @@ class MoEClient:
         if died:
             raise _RankFailed(f"ranks {[p.rank for p, _ in died]} died during layer {plan.layer}: {died[0][1]}",
                               [p.rank for p, _ in died])
+
+
+def _traceback_tail(exc: BaseException, lines: int = 12) -> str:
+    """The last lines of a RayTaskError's remote traceback (where on the rank it failed)."""
+    return "\n".join(str(exc).strip().splitlines()[-lines:])
 
 
 class _RankMovedOn(Exception):

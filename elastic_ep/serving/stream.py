@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import threading
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ class ServingStream:
         self._errors: list[BaseException] = []
         self.wrong = 0
         self.failed = 0
+        self.first_failure: Optional[str] = None  # why the first failed call failed (type and message)
         self.stopped = False
         self._lock = threading.Lock()
 
@@ -93,9 +96,10 @@ class ServingStream:
                     try:
                         self.client.moe(layer, hidden, ids, weights,
                                         check=self._check(layer, hidden, ids, weights) if checked else None)
-                    except (ServingError, ExpertsUnavailableError):
+                    except (ServingError, ExpertsUnavailableError) as exc:
                         with self._lock:
                             self.failed += 1  # recorded by the client as a failed call
+                            self.first_failure = self.first_failure or f"{type(exc).__name__}: {exc}"
                     n += 1
         except BaseException as exc:  # noqa: BLE001 - re-raised by stop()
             self._errors.append(exc)
