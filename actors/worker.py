@@ -415,13 +415,13 @@ class ExpertWorker:
         from elastic_ep.serving.compute import combine_rank
         from elastic_ep.serving.weights import weights_for_slots
 
-        # A blocking copy: ``hidden`` may lie in object-store memory that backups page-locked (hostmem), which an
-        # asynchronous copy would read after this call returned (seen on H100 as 'CUDA error: invalid argument').
-        x = from_bits(hidden, self.spec.dtype).to(self.device)
-        rows_t = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
-        slots_np = np.asarray(slots, dtype=np.int64)
+        # Large arguments arrive in object-store memory, which backups page-lock (hostmem); CUDA copies from
+        # there failed on H100 ('CUDA error: invalid argument'), so each is first copied into private memory.
+        x = from_bits(np.array(hidden, copy=True), self.spec.dtype).to(self.device)
+        rows_t = torch.from_numpy(np.array(rows, dtype=np.int64, copy=True)).to(self.device)
+        slots_np = np.array(slots, dtype=np.int64, copy=True)
         slots_t = torch.from_numpy(slots_np).to(self.device)
-        w_t = torch.from_numpy(np.asarray(pair_weights, dtype=np.float32)).to(self.device)
+        w_t = torch.from_numpy(np.array(pair_weights, dtype=np.float32, copy=True)).to(self.device)
         with self._serve_lock:
             if epoch != self.epoch or rank != self.rank:
                 raise StaleEpochError(

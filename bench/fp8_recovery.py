@@ -71,7 +71,7 @@ def checkpoint(args, spec: ModelSpec) -> Path:
 
 def worker_pid(cluster: ElasticEPCluster, worker_id: str) -> int:
     handle = ray.get_actor(f"{cluster.prefix}-{worker_id}", namespace=ray.get_runtime_context().namespace)
-    return ray.get(handle.ping.remote(), timeout=60)["pid"]
+    return ray.get(handle.ping.remote(), timeout=60).pid
 
 
 def run(args) -> dict:
