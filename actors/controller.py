@@ -16,7 +16,7 @@ from elastic_ep.decide import ClusterView, Decision, Request, decide
 from elastic_ep.errors import ElasticEPError, TransferError, UnknownRankError, WorkerStartupError
 from elastic_ep.faults import CONTROLLER_PHASES, FaultInjector
 from elastic_ep.layout import ExpertLayout
-from elastic_ep.report import RebalanceReport, ReportDraft
+from elastic_ep.report import RebalanceReport, ReportDraft, put_entry
 from elastic_ep.workload import LoadWindow, check_counts
 
 from .controller_lifecycle import ControllerLifecycle
@@ -69,11 +69,12 @@ class Controller(ControllerLifecycle, ControllerOps):
         self.window = LoadWindow(self.spec.num_layers, self.spec.num_experts, cfg.load_window)
         self.lost: list[tuple[int, int]] = []  # experts known to have no copy left anywhere
         self.last_error: Optional[str] = None  # why the last reconfiguration could not be done
-        self.pending_commit: Optional[dict] = None  # {"epoch", "retired", "keep_spares"} between decision and commit
+        self.pending_commit: Optional[dict] = None  # {"epoch", "retired", "keep_spares", "report"} between decision and commit
         self.draining: set[int] = set()  # ranks a drain() is moving experts off
         self._blocked: Optional[frozenset] = None  # dead set for which recovery proved impossible
         self._replenish_due = False  # spares to restore (after a controller restart)
         self.history: list[dict] = []
+        self._open_entry: Optional[int] = None  # history index of the running reconfiguration once it committed
         self.progress: dict[str, tuple[int, int]] = {}  # long step -> (done, total), read by drivers for bars
         self.restarts = 0
         self._busy = threading.Event()  # set while a reconfiguration runs
@@ -222,6 +223,16 @@ class Controller(ControllerLifecycle, ControllerOps):
                 self.pending_commit = None
             raise
 
+    def record_commit(self, draft: ReportDraft) -> None:
+        """Step.COMMIT: the report so far goes on record with the commit's save.
+
+        A controller that dies after a commit but before the reconfiguration returns (while
+        replenishing spares, say) thus leaves the change in ``history``; ``_finish`` puts the
+        whole report in its place.
+        """
+        with self._state_lock:
+            self._open_entry = put_entry(self.history, self._open_entry, draft.freeze().to_dict())
+
     def settle_retired(self, retired: list[str], keep: Optional[list[str]] = None) -> None:
         """Retired workers in ``keep`` (the decision's) refill the spares; the rest are released (killed).
 
@@ -332,6 +343,7 @@ class Controller(ControllerLifecycle, ControllerOps):
                 metrics.record_failure(self.prefix, reason, "TransferError", _now() - t_start)
                 raise TransferError(f"{reason} failed after {MAX_ATTEMPTS} attempts: " + "; ".join(failures))
             finally:
+                self._open_entry = None
                 self._busy.clear()
 
     def _finish(self, draft: ReportDraft, failures: list, t_start: float, started_at: float,
@@ -347,7 +359,9 @@ class Controller(ControllerLifecycle, ControllerOps):
         draft.started_at, draft.finished_at = started_at, time.time()
         self.workers.first_death = None
         report = draft.freeze()
-        self.history.append(report.to_dict())
+        with self._state_lock:
+            put_entry(self.history, self._open_entry, report.to_dict())
+            self._open_entry = None
         self.save()
         metrics.record_reconfiguration(self.prefix, report)
         return report
@@ -428,6 +442,9 @@ class Controller(ControllerLifecycle, ControllerOps):
 
 
 def controller_actor_class():
+    """The Controller as a Ray actor class; a sliver of a CPU makes Ray keep its soft node affinity."""
     import ray
 
-    return ray.remote(num_cpus=0, max_concurrency=16, max_restarts=-1, max_task_retries=0)(Controller)
+    from .ray_workers import PIN_CPUS
+
+    return ray.remote(num_cpus=PIN_CPUS, max_concurrency=16, max_restarts=-1, max_task_retries=0)(Controller)

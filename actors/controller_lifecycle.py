@@ -11,6 +11,7 @@ import numpy as np
 from elastic_ep.balance import rebalance_experts
 from elastic_ep.errors import CapacityError, VerificationError
 from elastic_ep.layout import ExpertLayout
+from elastic_ep.report import resume_history
 from elastic_ep.status import StartReport
 
 from .persistence import check_checkpoint, save_state
@@ -131,6 +132,7 @@ class ControllerLifecycle:
             # The decision was written: the new layout is in force. Workers that staged it
             # commit now (a second commit of one epoch is a no-op); one that cannot is dead.
             epoch = int(self.pending_commit["epoch"])
+            resume_history(self.history, self.pending_commit.get("report"), epoch)
             view = self.committed_view()
             calls = {r: (x, "commit", (epoch, r, view)) for r, x in w.members.items() if x in live}
             w.call_all(calls, cfg.call_timeout_s, "commit (resume)", tolerate_dead=True)
@@ -141,6 +143,7 @@ class ControllerLifecycle:
                                 self.pending_commit.get("keep_spares"))
             self.pending_commit = None
         else:
+            resume_history(self.history, None, None)
             # A reconfiguration the old controller left undecided is dropped: live weights never changed.
             calls = {x: (x, "discard", (self.epoch + 1,)) for x in live}
             w.call_all(calls, cfg.call_timeout_s, "discard (resume)", tolerate_dead=True)

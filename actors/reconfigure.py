@@ -243,7 +243,8 @@ class Reconfiguration:
     def persist(self, att: Attempt) -> Step:
         """The decision: from here on a restarted controller rolls forward."""
         d = att.decision
-        pending = {"epoch": att.epoch, "retired": list(d.retired), "keep_spares": list(d.keep_as_spares)}
+        pending = {"epoch": att.epoch, "retired": list(d.retired), "keep_spares": list(d.keep_as_spares),
+                   "report": att.rep.freeze().to_dict()}  # what a restarted controller puts on record
         self.ctl.install(att.new, att.epoch, att.members, list(d.spares), pending)
         return Step.COMMIT
 
@@ -264,6 +265,7 @@ class Reconfiguration:
             rep.since_death_s = rep.committed_at - w.first_death  # noticed -> committed
         rep.epoch_to = att.epoch
         rep.commits += 1
+        ctl.record_commit(rep)
         ctl.save()
         if set(done) != set(calls):
             rep.notes.append(f"ranks {sorted(set(calls) - set(done))} died during commit; next recovery heals them")

@@ -243,6 +243,12 @@ class ChaosRunner:
                 f"controller killed at {phase!r}: epoch {st['epoch']} -> {now['epoch']} (want {want_epoch}), "
                 f"layout is {'the old' if now['layout'] == st['layout'] else 'the planned' if now['layout'] == expected.to_dict() else 'neither old nor planned'} one"
             )
+        last = now["history"][-1] if now["history"] else {}
+        if phase in ROLLED_FORWARD and (last.get("reason"), last.get("epoch_to")) != ("rebalance", want_epoch):
+            res.errors.append(f"controller killed at {phase!r}: the committed rebalance is not on record "
+                              f"(last history entry: {last.get('reason')} to epoch {last.get('epoch_to')})")
+        if phase not in ROLLED_FORWARD and (last.get("epoch_to") or 0) > st["epoch"]:
+            res.errors.append(f"controller killed at {phase!r}: history records a commit that never happened")
         return {"controller_restarts": now["restarts"] - st["restarts"], "back_at": back_at}
 
     # -- one step --------------------------------------------------------------------------

@@ -104,6 +104,40 @@ class ReportDraft:
         return RebalanceReport(**values)
 
 
+def put_entry(history: list[dict], index: Optional[int], entry: dict) -> int:
+    """Put a report's dict in ``history``: in place of ``history[index]``, or appended when index is
+    None; returns where it went (a reconfiguration updates its own entry commit after commit)."""
+    if index is None:
+        history.append(entry)
+        return len(history) - 1
+    history[index] = entry
+    return index
+
+
+RESUMED_NOTE = "the controller restarted before this returned; the restarted one committed or finished it"
+
+
+def resume_history(history: list[dict], pending_report: Optional[dict], epoch: Optional[int]) -> None:
+    """After a controller restart: put the decided reconfiguration's report on record.
+
+    history: the saved ``history``; an entry whose ``finished_at`` is None is one a controller
+    recorded at a commit and never finished. pending_report / epoch: the report saved with the
+    decision (``pending_commit``) and the epoch it commits, or None when nothing was pending.
+    The pending report replaces the unfinished entry of the same reconfiguration (same reason and
+    ``epoch_from``, a layerwise one committed earlier steps) or is appended; every unfinished
+    entry gets a note saying so.
+    """
+    if pending_report is not None:
+        entry = dict(pending_report, epoch_to=epoch, commits=int(pending_report.get("commits", 0)) + 1)
+        last = history[-1] if history else None
+        same = (last is not None and last.get("finished_at") is None and last["reason"] == entry["reason"]
+                and last["epoch_from"] == entry["epoch_from"])
+        put_entry(history, len(history) - 1 if same else None, entry)
+    for h in history:
+        if h.get("finished_at") is None and RESUMED_NOTE not in h.get("notes", []):
+            h["notes"] = list(h.get("notes", [])) + [RESUMED_NOTE]
+
+
 def critical_path_s(phases: dict) -> float:
     """Seconds of a report's ``phases`` from detection to commit (every step before REPLENISH)."""
     from .faults import Step

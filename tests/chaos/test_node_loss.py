@@ -41,6 +41,9 @@ def test_node_loss_recovers_from_peers_and_backups_on_other_nodes(ray_nodes, tmp
         assert len(set(placed.values())) == 3, placed  # one logical node per Ray node...
         assert all(placed[r] == st["node_ids"][st["rank_nodes"][r]] for r in placed)  # ...as pinned
         assert st["backed_up"] == SMALL.num_layers * SMALL.num_experts
+        here = ray.get_runtime_context().get_node_id()  # the driver's node, never removed below
+        node_of_controller = c.controller.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
+        assert ray.get(node_of_controller, timeout=30) == here  # next to the driver: a node loss spares it
         victim = next(n for n in workers if n.node_id in placed.values())
         lost_ranks = sorted(r for r, n in placed.items() if n == victim.node_id)
         lost_wids = {st["ranks"][r] for r in lost_ranks}
@@ -61,6 +64,7 @@ def test_node_loss_recovers_from_peers_and_backups_on_other_nodes(ray_nodes, tmp
         assert rec["bytes_from_checkpoint"] == 0, rec
         assert rec["bytes_p2p"] + rec["bytes_from_backup"] > 0
         assert st["lost"] == [] and st["unserved"] == [] and len(st["ranks"]) == 3
+        assert st["restarts"] == 0
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert victim.node_id not in alive
         for r in st["ranks"]:

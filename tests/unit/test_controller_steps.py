@@ -10,6 +10,7 @@ from elastic_ep.decide import Request
 from elastic_ep.errors import CapacityError, TransferError
 from elastic_ep.faults import CONTROLLER_PHASES, ROLLED_FORWARD, Step
 from elastic_ep.layout import ExpertLayout
+from elastic_ep.report import RESUMED_NOTE
 from elastic_ep.storage import write_synthetic_checkpoint
 from elastic_ep.testing import SMALL, small_config
 
@@ -90,7 +91,12 @@ def test_controller_death_at_every_state_leaves_one_layout_and_a_retry_converges
     if phase in ROLLED_FORWARD:
         assert c2.epoch == 1 and c2.layout == planned and c2.workers.members[2] != victim  # the spare took it
         _served(c2)  # the restart finished the commit
+        [entry] = c2.history  # the committed recovery is on record, though its controller never returned
+        assert entry["reason"] == "recover" and entry["epoch_to"] == 1 and entry["commits"] == 1
+        assert entry["replaced"] == {"2": c2.workers.members[2]} and entry["finished_at"] is None
+        assert entry["notes"][-1] == RESUMED_NOTE
     else:
+        assert c2.history == []  # nothing was committed: nothing on record
         assert c2.epoch == 0 and c2.layout == old and c2.workers.members[2] == victim
         assert all(p.staged is None for p in world.procs.values() if p.alive)  # staging dropped
         live = {r: w for r, w in c2.workers.members.items() if not c2.workers.is_dead(w)}
@@ -98,6 +104,7 @@ def test_controller_death_at_every_state_leaves_one_layout_and_a_retry_converges
     rep = c2.recover()  # the retry converges
     assert not c2.workers.is_dead(c2.workers.members[2]) and sorted(c2.workers.members) == [0, 1, 2, 3]
     assert rep.epoch_to == c2.epoch and c2.pending_commit is None
+    assert c2.history[-1] == rep.to_dict() and len(c2.history) == (2 if phase in ROLLED_FORWARD else 1)
     _served(c2)
     assert c2.verify().ok and len(c2.workers.live(c2.workers.spares)) == cfg.num_spares
 

@@ -11,6 +11,7 @@ from elastic_ep.errors import TransferError
 from elastic_ep.faults import Step
 from elastic_ep.migration import plan_migration, staged_bytes
 from elastic_ep.plan import plan_transfers
+from elastic_ep.report import RESUMED_NOTE
 from elastic_ep.testing import SMALL, small_config
 
 from test_controller_steps import ControllerDied, _controller, _served, checkpoint, world_and_cfg  # noqa: F401
@@ -83,6 +84,9 @@ def test_controller_death_in_the_second_step_keeps_a_committed_layout_and_a_retr
     forward = phase == "commit"  # the second step's decision was written: it rolls forward
     assert c2.epoch == (2 if forward else 1) and c2.layout == sched.layouts[1 if forward else 0]
     assert c2.pending_commit is None and all(p.staged is None for p in world.procs.values() if p.alive)
+    [entry] = c2.history  # one entry for the move, updated commit by commit, on record through the restart
+    assert entry["reason"] == "rebalance" and entry["epoch_to"] == c2.epoch == entry["commits"]
+    assert entry["finished_at"] is None and entry["notes"][-1] == RESUMED_NOTE
     _served(c2)
     assert c2.verify()["ok"]
     rep = c2.rebalance(LOAD, layers_per_step=1)  # plans from the partial layout and finishes the move
