@@ -50,14 +50,12 @@ from elastic_ep.testing import sigkill_workers  # noqa: E402
 from elastic_ep.timeline import write_timeline  # noqa: E402
 
 
-_STREAMS: list[ServingStream] = []  # every stream of the run, for the failures' reasons at the end
-
-
-def _stream(cluster, oracle, log, args) -> ServingStream:
+def _stream(cluster, oracle, log, args, streams: list) -> ServingStream:
+    """A started stream of serving calls, also appended to ``streams`` (the arm's, for failure reasons)."""
     client = cluster.client(view_max_age_s=0.2, log=log)
-    _STREAMS.append(ServingStream(client, oracle, StreamConfig(tokens=args.tokens, top_k=args.top_k,
-                                                               threads=args.threads, check_every=args.check_every)))
-    return _STREAMS[-1].start()
+    streams.append(ServingStream(client, oracle, StreamConfig(tokens=args.tokens, top_k=args.top_k,
+                                                              threads=args.threads, check_every=args.check_every)))
+    return streams[-1].start()
 
 
 def _reload_from_checkpoint(reader: CheckpointReader, layout: dict, position: int) -> float:
@@ -72,9 +70,10 @@ def _reload_from_checkpoint(reader: CheckpointReader, layout: dict, position: in
 def run_arm(cluster, oracle, reader, args, stop_the_world: bool, victim: Optional[int],
             layers_per_step: int = 0, seed: int = 0) -> tuple[dict, ServingLog]:
     """One arm: steady, a rebalance (``layers_per_step`` layers per commit; 0: all), steady, then unless
-    ``victim`` is None a SIGKILL of it and its recovery, steady."""
-    log = ServingLog()
-    stream = _stream(cluster, oracle, log, args)
+    ``victim`` is None a SIGKILL of it and its recovery, steady. The row's ``failure_reasons``: the
+    first failure of each stream that had one."""
+    log, streams = ServingLog(), []
+    stream = _stream(cluster, oracle, log, args, streams)
     time.sleep(args.steady_s)
     if stop_the_world:
         stream.stop()
@@ -82,13 +81,13 @@ def run_arm(cluster, oracle, reader, args, stop_the_world: bool, victim: Optiona
     rep = cluster.rebalance(load=_load(cluster, args.seed + seed), layers_per_step=layers_per_step)
     log.mark("rebalance_commit")
     if stop_the_world:
-        stream = _stream(cluster, oracle, log, args)
+        stream = _stream(cluster, oracle, log, args, streams)
     time.sleep(args.steady_s)
     moves = {"rebalance_commits": rep.commits, "rebalance_moved_slots": rep.plan.get("transfers", 0),
              "rebalance_peak_staged_bytes": max(rep.staging_peak_bytes.values(), default=0)}
     if victim is None:
         stream.stop()
-        return _row(log, "layerwise" if layers_per_step else "elastic", None, moves), log
+        return _row(log, "layerwise" if layers_per_step else "elastic", None, moves, streams), log
     status = cluster.status()
     position = sorted(status["ranks"]).index(victim)
     if stop_the_world:
@@ -102,13 +101,13 @@ def run_arm(cluster, oracle, reader, args, stop_the_world: bool, victim: Optiona
     log.mark("commit", f"rank {victim}", t_s=max(rec.get("committed_at") or 0.0, log.clock() if stop_the_world else 0.0)
              or None)  # stop-the-world commits when serving resumes
     if stop_the_world:
-        stream = _stream(cluster, oracle, log, args)
+        stream = _stream(cluster, oracle, log, args, streams)
     time.sleep(args.steady_s)
     stream.stop()
-    return _row(log, "stop-the-world" if stop_the_world else "elastic", reload_s, moves), log
+    return _row(log, "stop-the-world" if stop_the_world else "elastic", reload_s, moves, streams), log
 
 
-def _row(log: ServingLog, arm: str, reload_s: Optional[float], moves: dict) -> dict:
+def _row(log: ServingLog, arm: str, reload_s: Optional[float], moves: dict, streams: list) -> dict:
     """One table row from an arm's serving log (kill columns None for an arm without a kill)."""
     s = log.summary()
     kill = s.kills[0] if s.kills else None
@@ -130,6 +129,7 @@ def _row(log: ServingLog, arm: str, reload_s: Optional[float], moves: dict) -> d
         "wrong_calls": s.wrong_calls,
         "checked_calls": s.checked_calls,
         "retried_tokens": s.retried_tokens,
+        "failure_reasons": sorted({st.first_failure for st in streams if st.first_failure}),
         **moves,
     }
 
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
         for row, log in zip(rows, logs):
             write_timeline(log, None, out.with_name(f"{out.stem}-{row['arm']}.png"), title=f"serving faults: {row['arm']}")
         print(f"wrote {out}")
-    for reason in sorted({st.first_failure for st in _STREAMS if st.first_failure}):
+    for reason in sorted({r for row in rows for r in row["failure_reasons"]}):
         print(f"a failed call: {reason[:3000]}")
     return 0 if all(r["wrong_calls"] == 0 for r in rows) else 1
 

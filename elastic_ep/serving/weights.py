@@ -31,6 +31,14 @@ from ..errors import ServingInputError
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+_QUANT_PARTS = ("_scale_inv", "_blocks", "_packed")  # tensors of these names make a bundle dequantized per call
+
+
+def quantized(fmt: ExpertFormat) -> bool:
+    """Whether serving dequantizes this bundle (it has an FP8, MXFP4 or INT4 part) instead of viewing its rows."""
+    return any(name.endswith(_QUANT_PARTS) for name in fmt.names)
+
+
 def held_interleaved(quant: str, layout) -> bool:
     """Whether held w13 rows alternate gate/up: quantized bundles of a fused interleaved layout (the
     layout as the reader chose it, ``CheckpointReader.preset``); unquantized ones are de-interleaved on read."""
@@ -113,7 +121,7 @@ def weights_for_slots(rows: torch.Tensor, fmt: ExpertFormat, dtype: str, slots: 
     used are dequantized (a decode call touches a few; a whole layer of DeepSeek-V3 experts
     in fp32 would be tens of GB) -> ({name: [U, ...]}, [m] int64 in [0, U)).
     """
-    if not any(name.endswith(("_scale_inv", "_blocks", "_packed")) for name in fmt.names):
+    if not quantized(fmt):
         return layer_weights(rows, fmt, dtype, interleaved), slots
     used, index = torch.unique(slots, return_inverse=True)
     return layer_weights(rows[used], fmt, dtype, interleaved), index
