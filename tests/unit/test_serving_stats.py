@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from elastic_ep.errors import ElasticEPError
@@ -314,6 +314,7 @@ def test_percentiles_lie_within_min_and_max(values, q):
 
 @settings(max_examples=200, deadline=None)
 @given(calls_st(min_size=1), times, st.lists(st.tuples(st.sampled_from(["detect", "commit"]), times), max_size=4))
+@example([ok(9.0, 10.0), ok(0.0, 0.0)], 9.999999999999998, [])  # a kill one ulp before the log's last completion
 def test_kill_gap_overlaps_its_window_and_is_bounded_by_the_longest_gap(calls, k, others):
     marks = [EventMark(k, "kill")] + [EventMark(t, kind) for kind, t in others]
     s = summarize(calls, marks)
@@ -326,10 +327,13 @@ def test_kill_gap_overlaps_its_window_and_is_bounded_by_the_longest_gap(calls, k
     # the same length from the definition read pointwise: the gap around each moment t of (k, end)
     # runs from the last completion <= t (the kill itself if none) to the next one > t (the window's end if none)
     end = kill.window_end_s
+    # (no completion lies strictly inside two successive points, so t in (a, b) reads as: last <= a, next >= b;
+    # a float midpoint can round onto b)
     points = sorted({k, end, *[d for d in done if k < d < end]})
-    mids = [(a + b) / 2 for a, b in zip(points, points[1:])]
-    ref = max((min([d for d in done if d > t], default=end) - max([d for d in done if d <= t], default=k) for t in mids), default=0.0)
-    if not mids and not kill.recovered:  # a kill at the log's very end: the open gap from the last completion
+    spans = list(zip(points, points[1:]))
+    ref = max((min([d for d in done if d >= b], default=end) - max([d for d in done if d <= a], default=k)
+               for a, b in spans), default=0.0)
+    if not spans and not kill.recovered:  # a kill at the log's very end: the open gap from the last completion
         ref = end - max([d for d in done if d <= k], default=k)
     assert kill.gap.length_s == pytest.approx(ref)
     assert kill.failed_calls <= kill.calls <= len(calls)
