@@ -37,6 +37,17 @@ def local_ray(namespace: str, prefix: str = "eepr", num_cpus: int = 4):
 
     if ray.is_initialized():
         ray.shutdown()
+    start_local_ray(namespace, prefix, num_cpus)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def start_local_ray(namespace: str, prefix: str = "eepr", num_cpus: int = 4) -> None:
+    """ray.init of a local Ray for tests: no dashboard, temp dir under /tmp, this repo on the workers' path."""
+    import ray
+
     root = str(Path(__file__).resolve().parents[1])
     ray.init(
         num_cpus=num_cpus,
@@ -46,10 +57,27 @@ def local_ray(namespace: str, prefix: str = "eepr", num_cpus: int = 4):
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}},
     )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+
+
+def kill_named_actors(timeout_s: float = 20.0) -> list[str]:
+    """Kill every named actor of the connected Ray, in all namespaces; returns their names.
+
+    Waits (up to ``timeout_s``) until the names are released: ray.kill frees them asynchronously.
+    """
+    import time
+
+    import ray
+
+    left = ray.util.list_named_actors(all_namespaces=True)
+    for a in left:
+        try:
+            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]))
+        except ValueError:  # gone meanwhile
+            pass
+    deadline = time.monotonic() + timeout_s
+    while ray.util.list_named_actors(all_namespaces=True) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [a["name"] for a in left]
 
 
 def sigkill_workers(cluster, ranks_or_wids, timeout_s: float = 30.0) -> list[str]:

@@ -1,17 +1,9 @@
-"""Fixtures for chaos tests: one local Ray per module, a tiny synthetic checkpoint, one long-lived cluster."""
+"""Fixtures for chaos tests (``ray_local``: tests/conftest.py): a tiny synthetic checkpoint."""
 
 import pytest
 
 from elastic_ep.chaos import CHAOS_SPEC
 from elastic_ep.storage import write_synthetic_checkpoint
-from elastic_ep.testing import local_ray
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray for the whole module."""
-    with local_ray("elastic-ep-chaos", prefix="eepc") as ray:
-        yield ray
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,9 @@
-"""Fixtures for tests on a real local Ray: one Ray per module, small synthetic checkpoints."""
+"""Fixtures for tests on a real local Ray (``ray_local``: tests/conftest.py): small synthetic checkpoints."""
 
 import pytest
 
 from elastic_ep.storage import write_synthetic_checkpoint
-from elastic_ep.testing import SMALL, local_ray
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray for the whole module."""
-    with local_ray("elastic-ep-tests", prefix="eepr") as ray:
-        yield ray
+from elastic_ep.testing import SMALL
 
 
 @pytest.fixture(scope="module")
