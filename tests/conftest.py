@@ -1,14 +1,21 @@
-"""Shared pytest setup: import the repo's packages, skip GPU tests where CUDA is absent, one local Ray
-shared by the modules that ask for ``ray_local``."""
+"""Shared pytest setup: import the repo's packages, Hypothesis's CI profile, skip GPU tests where CUDA is
+absent, one local Ray shared by the modules that ask for ``ray_local``."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # plain `pytest` (not `python -m pytest`) finds elastic_ep and actors
+
+# CI (.ci/run sets HYPOTHESIS_PROFILE=ci) draws the same examples on every run, so a red CI always
+# reproduces; runs elsewhere draw new ones each time and keep exploring.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_collection_modifyitems(config, items):
