@@ -360,8 +360,7 @@ class Controller(ControllerLifecycle, ControllerOps):
         self.workers.first_death = None
         report = draft.freeze()
         with self._state_lock:
-            put_entry(self.history, self._open_entry, report.to_dict())
-            self._open_entry = None
+            put_entry(self.history, self._open_entry, report.to_dict())  # reconfigure() clears _open_entry
         self.save()
         metrics.record_reconfiguration(self.prefix, report)
         return report

@@ -30,22 +30,9 @@ def small_config(checkpoint, tmp_path, **overrides) -> ClusterConfig:
     return ClusterConfig(**base)
 
 
-@contextlib.contextmanager
-def local_ray(namespace: str, prefix: str = "eepr", num_cpus: int = 4):
-    """A fresh local Ray with its temp dir under /tmp (short socket paths); shut down on exit."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    start_local_ray(namespace, prefix, num_cpus)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 def start_local_ray(namespace: str, prefix: str = "eepr", num_cpus: int = 4) -> None:
-    """ray.init of a local Ray for tests: no dashboard, temp dir under /tmp, this repo on the workers' path."""
+    """ray.init of a local Ray for tests: no dashboard, temp dir under /tmp (short socket paths), this repo on the
+    workers' path."""
     import ray
 
     root = str(Path(__file__).resolve().parents[1])
